@@ -1,0 +1,1 @@
+"""Fine-tune Mixtral-style sparse Mixture-of-Experts models: QLoRA SFT, DPO, merge and export."""

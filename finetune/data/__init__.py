@@ -1,0 +1,1 @@
+"""Training data: conversations and preference rows turned into token ids."""

@@ -1,0 +1,83 @@
+"""The model side of a run: where the base comes from, how it is loaded for training, and its adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.recipe.schema import TINY_MIXTRAL, LoraSpec, ModelSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(spec: ModelSpec) -> str:
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but torch sees no CUDA device; set model.device: cpu or auto")
+    return spec.device
+
+
+def prepare_base(spec: ModelSpec, run_dir: Path, seed: int) -> Path:
+    """The base checkpoint folder: the recipe's path, or the embedded tiny Mixtral built once into the run."""
+    if spec.name_or_path != TINY_MIXTRAL:
+        return Path(spec.name_or_path) if Path(spec.name_or_path).exists() else Path(_download(spec.name_or_path))
+    from finetune.moe.tiny import build_tiny_mixtral
+
+    path = run_dir / "base-model"
+    if not (path / "config.json").is_file():
+        build_tiny_mixtral(path, seed=seed)
+    return path
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+
+
+def load_base(spec: ModelSpec, base_path: Path, device: str):
+    """The frozen base for training: 4-bit with the experts quantized too, or plain weights without quantization."""
+    from finetune.moe import load_mixtral
+
+    quant = spec.quantization
+    model, report = load_mixtral(
+        base_path,
+        quant=quant.quant_type if quant else None,
+        double_quant=quant.double_quant if quant else False,
+        compute_dtype=DTYPES[spec.compute_dtype],
+        device=device,
+    )
+    model.name_or_path = str(base_path)  # peft records it as the adapter's base_model_name_or_path
+    return model, report.format()
+
+
+def lora_config(spec: LoraSpec):
+    from finetune.moe import build_lora_config
+
+    return build_lora_config(
+        r=spec.r, alpha=spec.alpha, dropout=spec.dropout, attention=spec.attention, experts=spec.experts,
+        router=spec.router, expert_r=spec.experts_r, expert_alpha=spec.experts_alpha,
+    )
+
+
+def attach_new_adapter(base, spec: LoraSpec):
+    from peft import get_peft_model
+
+    base.enable_input_require_grads()
+    return get_peft_model(base, lora_config(spec))
+
+
+def load_adapter(base, adapter_dir: Path, trainable: bool):
+    from finetune.moe import load_adapter as load_expert_adapter
+
+    base.enable_input_require_grads()
+    return load_expert_adapter(base, adapter_dir, is_trainable=trainable)
+
+
+def save_adapter(model, adapter_dir: Path) -> None:
+    """The "default" adapter in the original per-expert naming, loadable by stock peft on a stock Mixtral."""
+    from finetune.moe import save_adapter as save_expert_adapter
+
+    save_expert_adapter(model, adapter_dir, adapter_name="default")

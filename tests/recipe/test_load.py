@@ -1,0 +1,121 @@
+"""Recipe loading: every problem reported at once, with file, line and dotted key; overrides validated too."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from finetune.recipe import RecipeError, dump_recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # data paths in recipes are relative to the working directory
+
+
+def test_quickstart_is_valid_and_round_trips(tmp_path):
+    recipe = load_recipe(QUICKSTART)
+    assert [s.type for s in recipe.stages] == ["sft", "dpo"]
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))
+    assert again == recipe
+
+
+def test_every_problem_named_with_line_and_key(tmp_path):
+    path = write(tmp_path, """\
+        seed: 1
+        output_dir: runs/x
+        model:
+          name_or_path: tiny-mixtral
+          quantisation: {quant_type: nf4}
+        data:
+          max_seq_len: many
+          sft:
+            sources:
+              - path: nowhere.jsonl
+        stages:
+          - type: sft
+            lerning_rate: 1.0e-3
+          - type: dpo
+            beta: -1
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    problems = info.value.problems
+    assert f"{path}:5: model.quantisation: unknown key (did you mean 'quantization'?)" in problems
+    assert any(p.startswith(f"{path}:7: data.max_seq_len:") for p in problems)
+    assert any(p.startswith(f"{path}:10: data.sft.sources.0.path: no such file: nowhere.jsonl") for p in problems)
+    assert f"{path}:13: stages.0.lerning_rate: unknown key (did you mean 'learning_rate'?)" in problems
+    assert any(p.startswith(f"{path}:15: stages.1.beta:") for p in problems)
+    assert len(problems) == 5
+
+
+def test_missing_fields_and_impossible_combinations(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model:
+          name_or_path: tiny-mixtral
+        lora: null
+        data:
+          sft:
+            sources: [{path: data/quickstart/sft.jsonl}]
+        stages:
+          - type: dpo
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert f"{path}:4: lora: required when model.quantization is set" in text
+    assert f"{path}:8: stages: a 'dpo' stage needs data.dpo" in text
+
+
+def test_stage_order_and_unknown_stage(tmp_path):
+    base = textwrap.dedent("""\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+          dpo: {sources: [{path: data/quickstart/preference.jsonl}]}
+        stages:
+        """)
+    with pytest.raises(RecipeError, match="sft must come first"):
+        load_recipe(write(tmp_path, base + "  - type: dpo\n  - type: sft\n"))
+    with pytest.raises(RecipeError, match=r"stages.0: .*'sft', 'dpo'"):
+        load_recipe(write(tmp_path, base + "  - type: ppo\n"))
+
+
+def test_overrides_apply_and_are_validated():
+    recipe = load_recipe(QUICKSTART, ["stages.0.learning_rate=0.01", "lora.r=4", "seed=7"])
+    assert recipe.stages[0].learning_rate == 0.01 and recipe.lora.r == 4 and recipe.seed == 7
+    with pytest.raises(RecipeError) as info:
+        load_recipe(QUICKSTART, ["lora.alfa=4", "stages.1.beta=zero"])
+    assert "override 'lora.alfa=4': lora.alfa: unknown key (did you mean 'alpha'?)" in info.value.problems
+    assert any(p.startswith("override 'stages.1.beta=zero': stages.1.beta:") for p in info.value.problems)
+    with pytest.raises(RecipeError, match="stages.5 does not exist"):
+        load_recipe(QUICKSTART, ["stages.5.beta=1"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"recipe.yaml:4: not valid YAML"):
+        load_recipe(write(tmp_path, "seed: 1\nmodel:\n  name: x\n   bad: y\n"))
+
+
+def test_validate_fails_before_any_model_library_is_imported(tmp_path):
+    """A broken recipe must fail fast: the CLI exits 2 with the problem, never touching torch."""
+    path = write(tmp_path, "seed: 1\noutput_dir: x\nmodle: {}\n")
+    code = ("import sys; from finetune.cli import main; rc = main(['run', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert f"{path}:3: modle: unknown key (did you mean 'model'?)" in done.stderr
+    assert "model: required key is missing" in done.stderr
