@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import re
 import resource
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -56,7 +55,7 @@ class _Loading:
     compute_dtype: torch.dtype
     device: torch.device
     ledger: _Ledger = field(default_factory=_Ledger)
-    pending: dict[int, dict[tuple[int, str], torch.Tensor]] = field(default_factory=lambda: defaultdict(dict))
+    pending: dict[int, _ExpertStacks] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
 
 
@@ -102,64 +101,87 @@ def _quant_state_bytes(qs) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+@dataclass
+class _ExpertStacks:
+    """One layer's expert stacks on the target device, filled in place as the checkpoint's tensors arrive.
+
+    Copying each tensor into its slot (rather than stacking once all have arrived) keeps one bf16 copy of a
+    layer's experts alive at a time: the load peak is the quantized model plus one layer.
+    """
+
+    gate_up: torch.Tensor  # [E, 2I, H]: w1 rows, then w3 rows
+    down: torch.Tensor  # [E, H, I]
+    received: set[tuple[int, str]] = field(default_factory=set)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.gate_up.numel() + self.down.numel()) * self.gate_up.element_size()
+
+
+def _stacks(state: _Loading, layer: int, dtype: torch.dtype) -> _ExpertStacks:
+    if layer not in state.pending:
+        config = state.model.config
+        experts, inter, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
+        state.pending[layer] = _ExpertStacks(
+            torch.empty(experts, 2 * inter, hidden, device=state.device, dtype=dtype),
+            torch.empty(experts, hidden, inter, device=state.device, dtype=dtype),
+        )
+        state.ledger.add(state.pending[layer].nbytes)
+    return state.pending[layer]
+
+
+def _slot(stacks: _ExpertStacks, expert: int, proj: str) -> torch.Tensor:
+    inter = stacks.down.shape[2]
+    if proj == "w1":
+        return stacks.gate_up[expert, :inter]
+    if proj == "w3":
+        return stacks.gate_up[expert, inter:]
+    if proj == "w2":
+        return stacks.down[expert]
+    return stacks.gate_up if proj == "gate_up_proj" else stacks.down
+
+
+def _take_expert_tensor(state: _Loading, key: str, layer: int, expert: int, proj: str, tensor: torch.Tensor) -> None:
+    """Copy one expert tensor (or a fused stack, expert -1) into the layer's stacks; install once complete."""
+    stacks = _stacks(state, layer, tensor.dtype)
+    slot = _slot(stacks, expert, proj)
+    if tuple(tensor.shape) != tuple(slot.shape):
+        raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(slot.shape)}")
+    if (expert, proj) in stacks.received:
+        raise ValueError(f"{key}: appears twice in the checkpoint")
+    slot.copy_(tensor)
+    stacks.received.add((expert, proj))
+    complete = 2 if expert < 0 else 3 * state.model.config.num_local_experts
+    if len(stacks.received) == complete:
+        del state.pending[layer]
+        _install_experts(state, layer, stacks.gate_up, stacks.down)
+        state.ledger.held -= stacks.nbytes
+
+
 def _install_experts(state: _Loading, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
     from .quantized_experts import QuantizedExperts
 
     mlp = state.model.model.layers[layer].mlp
-    old = mlp.experts
-    expected_gu, expected_dn = tuple(old.gate_up_proj.shape), tuple(old.down_proj.shape)
-    if tuple(gate_up.shape) != expected_gu or tuple(down.shape) != expected_dn:
-        raise ValueError(f"layer {layer} experts: shapes {tuple(gate_up.shape)}, {tuple(down.shape)} != {expected_gu}, {expected_dn}")
-    gate_up = gate_up.to(state.device, state.compute_dtype)
-    down = down.to(state.device, state.compute_dtype)
     prefix = f"model.layers.{layer}.mlp.experts"
     if state.quant is None:
         _set_parameter(state, f"{prefix}.gate_up_proj", gate_up)
         _set_parameter(state, f"{prefix}.down_proj", down)
         return
-    stacked = gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
-    state.ledger.add(stacked)
-    mlp.experts = QuantizedExperts(gate_up, down, act_fn=old.act_fn, quant_type=state.quant,
+    mlp.experts = QuantizedExperts(gate_up, down, act_fn=mlp.experts.act_fn, quant_type=state.quant,
                                    double_quant=state.double_quant, compute_dtype=state.compute_dtype)
     state.ledger.add(mlp.experts.nbytes())
-    state.ledger.held -= stacked
     state.loaded.update({f"{prefix}.gate_up_proj", f"{prefix}.down_proj"})
-
-
-def _take_expert_tensor(state: _Loading, layer: int, expert: int, proj: str, tensor: torch.Tensor) -> None:
-    """Buffer one expert tensor; once the layer's 3*E are in, stack them (w1 rows then w3 rows) and install."""
-    pending = state.pending[layer]
-    pending[(expert, proj)] = tensor
-    state.ledger.add(tensor.numel() * tensor.element_size())
-    num_experts = state.model.config.num_local_experts
-    if len(pending) < 3 * num_experts:
-        return
-    held = sum(t.numel() * t.element_size() for t in pending.values())
-    gate_up = torch.stack([torch.cat([pending[(e, "w1")], pending[(e, "w3")]]) for e in range(num_experts)])
-    down = torch.stack([pending[(e, "w2")] for e in range(num_experts)])
-    del state.pending[layer], pending
-    state.ledger.add(held)  # the stacked copies, alive together with the read tensors for a moment
-    state.ledger.held -= 2 * held
-    _install_experts(state, layer, gate_up, down)
 
 
 def _take(state: _Loading, key: str, tensor: torch.Tensor) -> None:
     if m := EXPERT_WEIGHT.match(key):
-        _take_expert_tensor(state, int(m[1]), int(m[2]), m[3], tensor)
+        _take_expert_tensor(state, key, int(m[1]), int(m[2]), m[3], tensor)
     elif m := FUSED_EXPERTS.match(key):  # a checkpoint already in transformers-5 layout
-        _take_fused(state, int(m[1]), m[2], tensor)
+        _take_expert_tensor(state, key, int(m[1]), -1, m[2], tensor)
     elif state.quant is not None and ATTENTION_WEIGHT.match(key):
         _install_linear4bit(state, key, tensor)
     else:
         _set_parameter(state, key.replace(".block_sparse_moe.gate.", ".mlp.gate."), tensor)
-
-
-def _take_fused(state: _Loading, layer: int, which: str, tensor: torch.Tensor) -> None:
-    pending = state.pending[layer]
-    pending[(-1, which)] = tensor
-    if len(pending) == 2:
-        del state.pending[layer]
-        _install_experts(state, layer, pending[(-1, "gate_up_proj")], pending[(-1, "down_proj")])
 
 
 def _finish(state: _Loading) -> None:
@@ -185,12 +207,28 @@ def load_mixtral(
     device: str = "cpu",
 ) -> tuple[nn.Module, LoadReport]:
     """Load a Mixtral checkpoint: quant "nf4"/"fp4" (attention Linear4bit + QuantizedExperts) or None (stock layout)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig
+
+    path = Path(path)
+    return load_mixtral_tensors(MixtralConfig.from_pretrained(path), _checkpoint_tensors(path), quant=quant,
+                                double_quant=double_quant, compute_dtype=compute_dtype, device=device)
+
+
+def load_mixtral_tensors(
+    config,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    quant: str | None = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+) -> tuple[nn.Module, LoadReport]:
+    """As load_mixtral, from any stream of (checkpoint name, tensor): a checkpoint, or weights made on the fly."""
+    from transformers import MixtralForCausalLM
 
     if quant not in ("nf4", "fp4", None):
         raise ValueError(f"quant must be 'nf4', 'fp4' or None, got {quant!r}")
-    path, dev = Path(path), torch.device(device)
-    config = MixtralConfig.from_pretrained(path)
+    dev = torch.device(device)
     config.dtype = compute_dtype
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
@@ -198,7 +236,7 @@ def load_mixtral(
     rss_before = _max_rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for key, tensor in _checkpoint_tensors(path):
+    for key, tensor in tensors:
         _take(state, key, tensor)
     _finish(state)
     model.eval()

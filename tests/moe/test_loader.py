@@ -79,5 +79,5 @@ def test_streaming_peak_stays_near_quantized_size(tiny_path):
     _, report = load_mixtral(tiny_path, quant="nf4", compute_dtype=torch.bfloat16)
     _, plain = load_mixtral(tiny_path, quant=None, compute_dtype=torch.bfloat16)
     one_layer_experts_bf16 = plain.parts["experts"].bytes // 2
-    # peak = quantized model + one layer's experts read and stacked (2 copies), never the whole bf16 model
-    assert report.peak_bytes <= report.total_bytes + 2 * one_layer_experts_bf16 + 2**16
+    # peak = quantized model + one layer's experts in bf16 (filled in place), never the whole bf16 model
+    assert report.peak_bytes <= report.total_bytes + one_layer_experts_bf16 + 2**16
