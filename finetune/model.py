@@ -66,14 +66,29 @@ def attach_new_adapter(base, spec: LoraSpec):
     from peft import get_peft_model
 
     base.enable_input_require_grads()
-    return get_peft_model(base, lora_config(spec))
+    return _with_recipe_dropout(get_peft_model(base, lora_config(spec)), spec)
 
 
-def load_adapter(base, adapter_dir: Path, trainable: bool):
+def load_adapter(base, adapter_dir: Path, spec: LoraSpec, trainable: bool):
+    """A saved adapter (per-expert naming) onto the 4-bit base, as the adapter "default"."""
     from finetune.moe import load_adapter as load_expert_adapter
 
     base.enable_input_require_grads()
-    return load_expert_adapter(base, adapter_dir, is_trainable=trainable)
+    return _with_recipe_dropout(load_expert_adapter(base, adapter_dir, is_trainable=trainable), spec)
+
+
+def _with_recipe_dropout(model, spec: LoraSpec):
+    from finetune.moe import set_expert_dropout
+
+    if spec.experts and spec.experts_dropout is not None:
+        set_expert_dropout(model, spec.experts_dropout)
+    return model
+
+
+def trainable_summary(model) -> str:
+    from finetune.moe import trainable_report
+
+    return trainable_report(model).format()
 
 
 def save_adapter(model, adapter_dir: Path) -> None:

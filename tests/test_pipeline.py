@@ -89,8 +89,9 @@ def test_export_loads_with_stock_transformers_and_matches_base_plus_adapter(run_
     assert json.loads((export / "verification.json").read_text())["max_abs_logit_difference"] < 1e-3
 
 
-def test_generate_answers_in_the_instruct_format(run_dir):
-    done = finetune("generate", str(run_dir / "export"), "--prompt", "What is the capital of France?",
-                    "--max-new-tokens", "12")
+@pytest.mark.parametrize("target", ["export", "run folder"])
+def test_generate_answers_in_the_instruct_format(run_dir, target):
+    path = run_dir / "export" if target == "export" else run_dir
+    done = finetune("generate", str(path), "--prompt", "What is the capital of France?", "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().startswith("The capital of"), done.stdout

@@ -103,3 +103,11 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def set_expert_dropout(model: nn.Module, p: float, adapter_name: str = "default") -> int:
+    """Give the expert adapters their own dropout (peft has one lora_dropout per config); returns layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, ExpertLoraLayer) and adapter_name in m.lora_dropout]
+    for layer in layers:
+        layer.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+    return len(layers)

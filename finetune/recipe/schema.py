@@ -49,11 +49,14 @@ class LoraSpec(Section):
     router: Literal["frozen", "full"] = "frozen"
     experts_r: PositiveInt | None = Field(None, description="Rank for the expert adapters; defaults to r.")
     experts_alpha: PositiveInt | None = Field(None, description="Alpha for the expert adapters; defaults to alpha.")
+    experts_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="Dropout for the expert adapters; defaults to dropout."
+    )
 
     @model_validator(mode="after")
     def _targets_something(self) -> LoraSpec:
-        if not (self.attention or self.experts or self.router != "frozen"):
-            raise ValueError("LoRA targets nothing: enable attention, experts, or train the router")
+        if not (self.attention or self.experts):
+            raise ValueError("LoRA targets nothing: enable attention or experts")
         return self
 
 

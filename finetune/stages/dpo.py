@@ -31,9 +31,10 @@ def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_d
     print(report)
     if sft_adapter is not None:
         print(f"[dpo] continuing from the SFT adapter {sft_adapter}; it is also the reference policy")
-        model = models.load_adapter(base, sft_adapter, trainable=True)
+        model = models.load_adapter(base, sft_adapter, recipe.lora, trainable=True)
     else:
         model = models.attach_new_adapter(base, recipe.lora)
+    print(models.trainable_summary(model))
 
     args = DPOConfig(**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                      beta=stage.beta, loss_type=[stage.loss_type])

@@ -25,6 +25,7 @@ def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_d
     base, report = models.load_base(recipe.model, base_path, device)
     print(report)
     model = models.attach_new_adapter(base, recipe.lora)
+    print(models.trainable_summary(model))
 
     args = SFTConfig(**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                      completion_only_loss=True)

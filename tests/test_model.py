@@ -1,0 +1,54 @@
+"""The recipe's LoRA section reaches the model: groups, ranks, dropout per group, the router switch."""
+
+import pytest
+import torch
+from torch import nn
+
+from finetune import model as models
+from finetune.moe import ExpertLoraLayer
+from finetune.moe.tiny import build_tiny_mixtral
+from finetune.recipe.schema import LoraSpec, ModelSpec
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    return build_tiny_mixtral(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+def attach(base_path, **lora):
+    spec = ModelSpec(name_or_path=str(base_path), compute_dtype="float32", device="cpu")
+    base, report = models.load_base(spec, base_path, "cpu")
+    assert "experts" in report and "yes" in report
+    return models.attach_new_adapter(base, LoraSpec(**lora))
+
+
+def test_expert_dropout_and_rank_are_set_per_group(base_path):
+    model = attach(base_path, r=8, alpha=16, dropout=0.1, experts_r=4, experts_alpha=4, experts_dropout=0.3)
+    experts = [m for m in model.modules() if isinstance(m, ExpertLoraLayer)]
+    assert len(experts) == 2
+    for layer in experts:
+        assert isinstance(layer.lora_dropout["default"], nn.Dropout) and layer.lora_dropout["default"].p == 0.3
+        assert layer.r["default"] == 4 and layer.scaling["default"] == 1.0
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_dropout["default"].p == 0.1 and q.r["default"] == 8
+
+
+def test_router_frozen_by_default_and_trained_in_full_on_request(base_path):
+    frozen = models.trainable_summary(attach(base_path))
+    full = models.trainable_summary(attach(base_path, router="full"))
+    router_line = lambda text: next(line for line in text.splitlines() if line.startswith("router"))  # noqa: E731
+    assert router_line(frozen).split()[-1] == "0"
+    assert int(router_line(full).split()[-1].replace(",", "")) > 0
+
+
+def test_attention_only(base_path):
+    model = attach(base_path, experts=False)
+    assert not any(isinstance(m, ExpertLoraLayer) for m in model.modules())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="model.device is 'cuda'"):
+        models.resolve_device(ModelSpec(name_or_path="x", device="cuda"))
