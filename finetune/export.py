@@ -1,14 +1,28 @@
-"""Merge the final adapter into the base weights, write a stock-loadable model, and verify it.
+"""Export a run for serving: merge the final adapter into the base checkpoint, streaming, then verify.
 
-Only stock transformers and peft are used to merge and to check, so what is verified is what a user of
-`AutoModelForCausalLM.from_pretrained` gets. The adapter is merged into the original (unquantized) base
-weights: that is what serving stacks load, and it avoids baking the 4-bit rounding into the export.
+The merge reads the base checkpoint tensor by tensor, adds each targeted weight's LoRA delta
+(scale * B @ A, computed in fp32), and writes shards as they fill, so it holds one shard plus one layer's
+tensors at a time, never the model. The output keeps the original Mixtral checkpoint layout
+(`model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight`).
+
+Which base the adapter is merged into (`--base`):
+- `original` (default): the base checkpoint's own weights. This is what serving stacks load, and it does
+  not bake 4-bit rounding into the released model; the adapter was trained on the 4-bit weights, so the
+  export differs from the trained function by the base's quantization error, as every QLoRA merge does.
+- `dequantized`: the weights the adapter was trained against (the base quantized and dequantized with the
+  run's settings). The export then computes exactly what was trained, at the price of 4-bit rounding in
+  every quantized weight.
+
+Every export is reloaded with stock transformers and checked before it is moved into place.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,67 +35,417 @@ VERIFY_PROMPTS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count from 3 to 7."}],
     [{"role": "user", "content": "Écris une phrase en français, s'il te plaît."}],
 ]
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
+ADAPTER_PREFIX = "base_model.model."
+SAFE_SUFFIXES = {".safetensors", ".json", ".jinja", ".md", ".txt", ".model"}
 
 
 class ExportError(FinetuneError):
-    """The merged model failed a check; nothing was left in the export folder."""
+    """The export failed a check; the export folder was left as it was."""
 
 
-def export_merged(base_path: Path, adapter_dir: Path, tokenizer, out_dir: Path, dtype: str, tolerance: float,
-                  card: str) -> Path:
-    """Write base+adapter merged to out_dir (via a temporary folder, replaced only once verified)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+@dataclass
+class Adapter:
+    """A saved adapter in the per-expert naming, read as plain tensors."""
 
-    from finetune.data.chat import tokenize_prompt
+    tensors: dict[str, torch.Tensor]
+    config: dict
 
-    prompts = [torch.tensor([tokenize_prompt(p, tokenizer)]) for p in VERIFY_PROMPTS]
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    reference = _logits(model, prompts)
-    merged = model.merge_and_unload()
+    @classmethod
+    def read(cls, folder: Path) -> Adapter:
+        from safetensors.torch import load_file
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging, safe_serialization=True)
-    merged.generation_config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(card, encoding="utf-8")
-    del merged, model, base
+        tensors = load_file(folder / "adapter_model.safetensors")
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        return cls({k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()}, config)
 
+    def scaling(self, module: str) -> float:
+        from peft.utils.other import get_pattern_key
+
+        r = self.config.get("rank_pattern", {}).get(get_pattern_key(self.config.get("rank_pattern", {}), module),
+                                                     self.config["r"])
+        alpha = self.config.get("alpha_pattern", {}).get(
+            get_pattern_key(self.config.get("alpha_pattern", {}), module), self.config["lora_alpha"])
+        return alpha / (r**0.5 if self.config.get("use_rslora") else r)
+
+    def targets(self) -> set[str]:
+        return {k.removesuffix(".lora_A.weight") + ".weight" for k in self.tensors if k.endswith(".lora_A.weight")}
+
+    def delta(self, key: str) -> torch.Tensor | None:
+        """scale * B @ A for a base weight, in fp32; None when the adapter does not target it."""
+        module = key.removesuffix(".weight")
+        a, b = self.tensors.get(f"{module}.lora_A.weight"), self.tensors.get(f"{module}.lora_B.weight")
+        if a is None:
+            return None
+        return self.scaling(module) * (b.float() @ a.float())
+
+    def replacement(self, key: str) -> torch.Tensor | None:
+        """A weight the adapter trained in full (the router with `lora.router: full`)."""
+        return self.tensors.get(key.replace(".block_sparse_moe.gate.", ".mlp.gate."))
+
+
+@dataclass
+class MergeReport:
+    tensors: int = 0
+    bytes_written: int = 0
+    peak_bytes_held: int = 0
+    unchanged_targets: list[str] = field(default_factory=list)
+    held: int = 0
+
+    def hold(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.peak_bytes_held = max(self.peak_bytes_held, self.held)
+
+
+def base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base checkpoint's tensors one at a time, in the original layout (fused experts are split)."""
+    from safetensors import safe_open
+
+    index = base / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    for shard in shards:
+        with safe_open(str(base / shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield from _original_layout(key, f.get_tensor(key))
+
+
+def _original_layout(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", key):
+        prefix = f"model.layers.{m[1]}.block_sparse_moe.experts"
+        for e in range(tensor.shape[0]):
+            if m[2] == "down_proj":
+                yield f"{prefix}.{e}.w2.weight", tensor[e]
+            else:
+                w1, w3 = tensor[e].chunk(2)
+                yield f"{prefix}.{e}.w1.weight", w1
+                yield f"{prefix}.{e}.w3.weight", w3
+    else:
+        yield key.replace(".mlp.gate.", ".block_sparse_moe.gate."), tensor
+
+
+def as_trained(tensors: Iterator[tuple[str, torch.Tensor]], num_experts: int, quant_type: str, double_quant: bool,
+               compute_dtype: torch.dtype, report: MergeReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base weights the adapter saw in training: each quantized weight through the same 4-bit round trip
+    as the loader (attention per matrix in the compute dtype, experts as one stack per layer in the
+    checkpoint's dtype, so blocks and double-quant scales match)."""
+    import bitsandbytes.functional as bnbf
+
+    pending: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
+    for key, tensor in tensors:
+        if m := EXPERT_KEY.match(key):
+            layer = pending.setdefault(int(m[1]), {})
+            layer[(int(m[2]), m[3])] = tensor
+            report.hold(tensor.numel() * tensor.element_size())
+            if len(layer) == 3 * num_experts:
+                yield from _round_trip_layer(int(m[1]), pending.pop(int(m[1])), quant_type, double_quant, report)
+        elif QUANTIZED_KEY.match(key):
+            packed, state = bnbf.quantize_4bit(tensor.to(compute_dtype).contiguous(), blocksize=64,
+                                               compress_statistics=double_quant,
+                                               quant_type=quant_type)
+            yield key, bnbf.dequantize_4bit(packed, state).float()  # NF4 levels * scale: not exact in bf16
+        else:
+            yield key, tensor
+    if pending:
+        raise ExportError(f"the base checkpoint lacks expert tensors of layers {sorted(pending)}")
+
+
+def _round_trip_layer(layer: int, tensors: dict, quant_type: str, double_quant: bool, report: MergeReport):
+    from finetune.moe.quantized_experts import Packed4bitStack
+
+    experts = len(tensors) // 3
+    gate_up = torch.stack([torch.cat([tensors[(e, "w1")], tensors[(e, "w3")]]) for e in range(experts)])
+    down = torch.stack([tensors[(e, "w2")] for e in range(experts)])
+    gate_up = Packed4bitStack(gate_up, quant_type, double_quant).dequantize(torch.float32)
+    down = Packed4bitStack(down, quant_type, double_quant).dequantize(torch.float32)
+    inter = down.shape[2]
+    prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+    for e in range(experts):
+        yield f"{prefix}.{e}.w1.weight", gate_up[e, :inter]
+        yield f"{prefix}.{e}.w3.weight", gate_up[e, inter:]
+        yield f"{prefix}.{e}.w2.weight", down[e]
+    report.held -= sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_bytes`, each as soon as it is full."""
+
+    def __init__(self, folder: Path, max_bytes: int, report: MergeReport):
+        self.folder, self.max_bytes, self.report = folder, max_bytes, report
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[key] = tensor.contiguous()
+        self.size += nbytes
+        self.report.hold(nbytes)
+        self.report.tensors += 1
+        self.report.bytes_written += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.buffer, str(self.folder / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.report.held -= self.size
+        self.buffer, self.size = {}, 0
+
+    def close(self) -> None:
+        """Name the shards as transformers does and write the index when there are several."""
+        if self.buffer:
+            self.flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.folder / f"shard-{i}.tmp").rename(self.folder / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.report.bytes_written},
+                     "weight_map": {key: names[i] for i, keys in enumerate(self.shards) for key in keys}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def merge(base: Path, adapter: Adapter, out: Path, dtype: torch.dtype, max_shard_bytes: int,
+          trained_on: tuple[str, bool, torch.dtype] | None = None) -> MergeReport:
+    """Stream base (+ adapter) into shards under `out`. trained_on=(quant_type, double_quant, compute_dtype)
+    merges into the dequantized 4-bit weights instead of the original ones."""
+    from transformers import AutoConfig
+
+    report = MergeReport()
+    tensors = base_tensors(base)
+    if trained_on is not None:
+        experts = AutoConfig.from_pretrained(base).num_local_experts
+        tensors = as_trained(tensors, experts, *trained_on, report)
+    writer = ShardWriter(out, max_shard_bytes, report)
+    merged_targets = set()
+    for key, tensor in tensors:
+        replacement, delta = adapter.replacement(key), adapter.delta(key)
+        if replacement is not None:
+            result = replacement.to(dtype)
+        elif delta is not None:
+            merged_targets.add(key)
+            result = (tensor.float() + delta).to(dtype)
+            if torch.equal(result, tensor.to(dtype)):
+                report.unchanged_targets.append(key)
+        else:
+            result = tensor.to(dtype)
+        if not torch.isfinite(result).all():
+            raise ExportError(f"{key}: NaN or inf after merging the adapter")
+        writer.add(key, result)
+    writer.close()
+    if missing := sorted(adapter.targets() - merged_targets):
+        raise ExportError(f"the adapter targets weights the base checkpoint lacks, e.g. {missing[:3]}")
+    return report
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
+    if not m:
+        raise ValueError(f"size {text!r}: expected e.g. 5GB, 500MB")
+    return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What an export needs from a finished run, as recorded in its run.json."""
+
+    run_dir: Path
+    base_model: Path
+    adapter: Path
+    tokenizer: Path
+    recipe: dict
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunFiles:
+        import yaml
+
+        record_path = run_dir / "run.json"
+        if not record_path.is_file():
+            raise ExportError(f"{run_dir}: no run.json; is this a finished run folder?")
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        recipe = yaml.safe_load(Path(record["recipe"]).read_text(encoding="utf-8"))
+        return cls(run_dir, Path(record["base_model"]), Path(record["final_adapter"]), Path(record["tokenizer"]),
+                   recipe)
+
+    def quantization(self) -> tuple[str, bool, torch.dtype] | None:
+        quant = self.recipe["model"].get("quantization")
+        return (quant["quant_type"], quant["double_quant"], DTYPES[self.recipe["model"]["compute_dtype"]]) \
+            if quant else None
+
+
+def default_tolerance(dtype: str, adapter_effect: float) -> float:
+    """float32 keeps the merge exact up to summation order; in 16 bits every merged weight is rounded, which a
+    small random model amplifies, so the export must instead stay much closer to base+adapter than the base
+    is (it reproduces at least 65% of what the adapter changed, at the worst logit)."""
+    return 1e-3 if dtype == "float32" else 0.35 * adapter_effect
+
+
+def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: str = "original",
+                  max_shard_size: str = "5GB", tolerance: float | None = None) -> dict:
+    """Merge, write to a staging folder, verify, then replace out_dir. Returns the verification record."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if base == "dequantized" and run.quantization() is None:
+        raise ExportError("--base dequantized: this run trained on unquantized weights; use --base original")
+    staging = _staging(out_dir)
     try:
-        report = verify_export(staging, prompts, reference, tolerance)
-    except ExportError:
+        print(f"[export] merging {run.adapter} into the {base} weights of {run.base_model} ({dtype})")
+        report = merge(run.base_model, Adapter.read(run.adapter), staging, DTYPES[dtype], parse_size(max_shard_size),
+                       trained_on=run.quantization() if base == "dequantized" else None)
+        if report.unchanged_targets:
+            raise ExportError(f"{len(report.unchanged_targets)} targeted weights did not change when merged, e.g. "
+                              f"{report.unchanged_targets[:3]} (an expert that never received tokens, or a delta "
+                              f"below {dtype} resolution)")
+        config = AutoConfig.from_pretrained(run.base_model)
+        config.dtype = DTYPES[dtype]
+        config.save_pretrained(staging)
+        _generation_config(run.base_model).save_pretrained(staging)
+        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+        tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(run, f"merged into the {base} base weights, {dtype}"))
+        reference, effect = reference_logits(run, base, dtype, tokenizer)
+        record = verify_export(staging, tokenizer, reference, tolerance or default_tolerance(dtype, effect))
+        record["adapter_effect"] = effect
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    record.update(base=base, dtype=dtype, merge_peak_bytes_held=report.peak_bytes_held,
+                  bytes_written=report.bytes_written, tensors=report.tensors)
+    (staging / "verification.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _replace(staging, out_dir)
+    print(f"[export] verified: max |logit difference| {record['max_abs_logit_difference']:.3g} "
+          f"(tolerance {tolerance}); merge held at most {report.peak_bytes_held / 2**20:.1f} MiB of tensors")
+    return record
 
 
-def verify_export(folder: Path, prompts: list[torch.Tensor], reference: list[torch.Tensor], tolerance: float) -> dict:
+def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolerance: float | None = None) -> dict:
+    """The final adapter alone, in the per-expert naming stock peft loads, its weights cast to dtype."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    staging = _staging(out_dir)
+    try:
+        tensors = load_file(run.adapter / "adapter_model.safetensors")
+        save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+                  str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = run.recipe["model"]["name_or_path"]
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+        tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(run, f"LoRA adapter only, weights in {dtype}"))
+        reference, effect = reference_logits(run, "original", "float32", tokenizer)
+        exported = _logits(_stock_with_adapter(run.base_model, staging, torch.float32), _prompts(tokenizer))
+        worst = max((a - b).abs().max().item() for a, b in zip(exported, reference))
+        tolerance = tolerance or default_tolerance(dtype, effect)
+        if worst > tolerance:
+            raise ExportError(f"{staging}: the {dtype} adapter moves logits by {worst:.3g} (> {tolerance})")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    record = {"max_abs_logit_difference": worst, "tolerance": tolerance, "dtype": dtype, "adapter_effect": effect}
+    _replace(staging, out_dir)
+    return record
+
+
+def reference_logits(run: RunFiles, base: str, dtype: str, tokenizer) -> tuple[list[torch.Tensor], float]:
+    """base+adapter, unmerged (stock transformers and peft on the original weights, or the model as trained:
+    the 4-bit base with the adapter), and how far the adapter moves the logits from the base alone."""
+    if base == "original":
+        model = _stock_with_adapter(run.base_model, run.adapter, DTYPES[dtype])
+    else:
+        from finetune import model as models
+        from finetune.recipe.schema import LoraSpec, ModelSpec
+
+        spec = ModelSpec.model_validate({**run.recipe["model"], "device": "cpu"})
+        model = models.load_adapter(models.load_base(spec, run.base_model, "cpu")[0], run.adapter,
+                                    LoraSpec.model_validate(run.recipe["lora"]), trainable=False)
+    prompts = _prompts(tokenizer)
+    tuned = _logits(model, prompts)
+    with model.disable_adapter():
+        plain = _logits(model, prompts)
+    return tuned, max((a - b).abs().max().item() for a, b in zip(tuned, plain))
+
+
+def verify_export(folder: Path, tokenizer, reference: list[torch.Tensor], tolerance: float) -> dict:
     """Reload with stock transformers alone and compare logits with base+adapter on fixed prompts."""
     from transformers import AutoModelForCausalLM
 
-    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    if pickles:
-        raise ExportError(f"{folder}: pickle files in the export: {pickles}")
+    unsafe = [p.name for p in folder.iterdir() if p.suffix not in SAFE_SUFFIXES]
+    if unsafe:
+        raise ExportError(f"{folder}: files that are not safetensors or text: {unsafe}")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
-    except Exception as e:  # any failure to load is a failed export
+    except Exception as e:  # a truncated or corrupted shard surfaces here, in whatever type the loader raises
         raise ExportError(f"{folder}: the export does not load with stock transformers: {e}") from e
-    exported = _logits(model, prompts)
-    worst = max((a - b).abs().max().item() for a, b in zip(exported, reference))
+    exported = _logits(model, _prompts(tokenizer))
     if not all(torch.isfinite(x).all() for x in exported):
         raise ExportError(f"{folder}: the export produces NaN or inf logits")
+    worst = max((a - b).abs().max().item() for a, b in zip(exported, reference))
     if worst > tolerance:
         raise ExportError(f"{folder}: logits differ from base+adapter by {worst:.3g} (> tolerance {tolerance})")
-    return {"max_abs_logit_difference": worst, "tolerance": tolerance, "prompts": len(prompts)}
+    return {"max_abs_logit_difference": worst, "tolerance": tolerance, "prompts": len(reference)}
+
+
+def model_card(run: RunFiles, what: str) -> str:
+    import yaml
+
+    lines = [f"# Fine-tune of {run.recipe['model']['name_or_path']}", "", f"{what}.", "",
+             f"Base checkpoint: `{run.recipe['model']['name_or_path']}`", "", "## Stages", ""]
+    for stage in run.recipe["stages"]:
+        kind = stage["type"]
+        sources = [s.get("path") or s.get("hub") for s in (run.recipe["data"].get(kind) or {}).get("sources", [])]
+        manifest_path = run.run_dir / kind / "manifest.json"
+        final = json.loads(manifest_path.read_text())["final_eval"] if manifest_path.is_file() else {}
+        metrics = {k: round(v, 4) for k, v in final.items() if isinstance(v, float) and "runtime" not in k}
+        lines.append(f"- **{kind}** on {', '.join(map(str, sources))}; final evaluation: {metrics or 'none'}")
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(run.recipe, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _stock_with_adapter(base: Path, adapter: Path, dtype: torch.dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
+
+
+def _generation_config(base: Path):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(base)
+    except OSError:
+        return GenerationConfig(bos_token_id=1, eos_token_id=2)
+
+
+def _prompts(tokenizer) -> list[torch.Tensor]:
+    from finetune.data.chat import tokenize_prompt
+
+    return [torch.tensor([tokenize_prompt(p, tokenizer)]) for p in VERIFY_PROMPTS]
 
 
 @torch.no_grad()
 def _logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     model.eval()
     return [model(input_ids=p).logits.float() for p in prompts]
+
+
+def _staging(out_dir: Path) -> Path:
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Swap the verified export in; a previous export stays whole until then."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

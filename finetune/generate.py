@@ -1,11 +1,14 @@
-"""Answer a prompt in the Mixtral-Instruct format from an export folder or from a run (base + adapter)."""
+"""Answer in the Mixtral-Instruct format, streaming tokens, from an export folder or a run (base + adapter)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+from finetune.errors import FinetuneError
 
 
 def load_for_generation(target: Path):
@@ -14,24 +17,22 @@ def load_for_generation(target: Path):
 
     if (target / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(target), AutoTokenizer.from_pretrained(target)
-    run = json.loads((target / "run.json").read_text(encoding="utf-8")) if (target / "run.json").is_file() else None
-    if run is None:
-        raise FileNotFoundError(f"{target}: neither an export (config.json) nor a run folder (run.json)")
+    if not (target / "run.json").is_file():
+        raise FinetuneError(f"{target}: neither an export (config.json) nor a finished run folder (run.json)")
     from peft import PeftModel
 
+    run = json.loads((target / "run.json").read_text(encoding="utf-8"))
     base = AutoModelForCausalLM.from_pretrained(run["base_model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(run["tokenizer"])
     return PeftModel.from_pretrained(base, run["final_adapter"]), tokenizer
 
 
-def generate(target: Path, prompt: str, system: str | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, stream: bool = True) -> str:
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, stream: bool) -> str:
+    """The assistant's next turn, printed token by token as it is produced when `stream` is set."""
     from transformers import TextStreamer
 
     from finetune.data.chat import tokenize_prompt
 
-    model, tokenizer = load_for_generation(target)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     input_ids = torch.tensor([tokenize_prompt(messages, tokenizer)])
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
@@ -39,4 +40,32 @@ def generate(target: Path, prompt: str, system: str | None = None, max_new_token
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=max_new_tokens, streamer=streamer,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate(target: Path, prompt: str, system: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, stream: bool = True) -> str:
+    model, tokenizer = load_for_generation(target)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return reply(model, tokenizer, messages, max_new_tokens, temperature, stream)
+
+
+def chat(target: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0) -> None:
+    """A conversation on the terminal: the whole history goes into each turn's prompt."""
+    model, tokenizer = load_for_generation(target)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print("chat: /reset clears the conversation, /exit or end of input leaves", flush=True)
+    while True:
+        print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        print("assistant> ", end="", flush=True)
+        history.append({"role": "assistant", "content": reply(model, tokenizer, history, max_new_tokens,
+                                                              temperature, stream=True)})

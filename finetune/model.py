@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,3 +97,18 @@ def save_adapter(model, adapter_dir: Path) -> None:
     from finetune.moe import save_adapter as save_expert_adapter
 
     save_expert_adapter(model, adapter_dir, adapter_name="default")
+
+
+@contextmanager
+def fp32_adapter_weights(model):
+    """Build a trl trainer inside this: trl casts the trainable weights of a 4-bit model to bf16 (after the QLoRA
+    paper). We keep fp32 master weights instead, so optimizer updates below bf16's resolution are not lost,
+    DPO's reference copy equals the policy exactly, and a resumed run (peft reloads adapters in fp32) computes
+    exactly what an uninterrupted one does. Compute still runs in the compute dtype."""
+    base = model.get_base_model()
+    quantized = getattr(base, "is_loaded_in_4bit", False)
+    base.is_loaded_in_4bit = False  # what trl reads to decide the cast
+    try:
+        yield
+    finally:
+        base.is_loaded_in_4bit = quantized

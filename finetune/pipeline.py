@@ -6,25 +6,46 @@ records where everything went.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
+from finetune.errors import FinetuneError
 from finetune.recipe import Recipe, dump_recipe
 from finetune.recipe.schema import MIXTRAL_TOKENIZER
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+               errno.EEXIST}
 
-def run(recipe: Recipe) -> dict:
+
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    from finetune.secrets import refuse_secrets
+
+    refuse_secrets(recipe.model_dump(mode="json"), "recipe")  # before anything is written or imported
+    from finetune.stages.common import StopSignal
+
+    run_dir = recipe.run_dir
+    with StopSignal() as stop, disk_errors(run_dir):
+        prepare_run_dir(recipe, resume, overwrite)
+        return run_stages(recipe, resume, stop)
+
+
+def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
     from transformers import set_seed
 
     from finetune.model import prepare_base
+    from finetune.stages.common import stage_finished
+    from finetune.tracking import dashboard_lines
 
     started = time.perf_counter()
     run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     set_seed(recipe.seed)
-
     base_path = prepare_base(recipe.model, run_dir, recipe.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer)
     tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -33,16 +54,80 @@ def run(recipe: Recipe) -> dict:
 
     adapter = None
     for stage in recipe.stages:
-        adapter = run_stage(recipe, stage, base_path, tokenizer, run_dir / stage.type, adapter)
-        record["stages"][stage.type] = str((run_dir / stage.type).resolve())
+        stage_dir = run_dir / stage.type
+        stop.check(f"before the {stage.type} stage")
+        if resume and stage_finished(stage_dir):
+            print(f"\n=== stage {stage.type}: already finished in {stage_dir}, not run again")
+            adapter = stage_dir / "adapter"
+        else:
+            set_seed(recipe.seed)  # a resumed run and a fresh one start each stage from the same RNG state
+            adapter = run_stage(recipe, stage, base_path, tokenizer, stage_dir, adapter, resume, stop)
+        record["stages"][stage.type] = str(stage_dir.resolve())
     record["final_adapter"] = str(adapter.resolve())
 
+    write_record(run_dir, record)
+
+    stop.check("before the export")
     if recipe.export.merge:
-        record["export"] = str(export(recipe, base_path, adapter, tokenizer, run_dir / "export").resolve())
+        record["export"] = str(export(recipe).resolve())
     record["seconds"] = round(time.perf_counter() - started, 1)
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    record["dashboards"] = dashboard_lines(recipe)
+    write_record(run_dir, record)
     print_artifacts(record)
     return record
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "run.json")
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Create the run folder and save the resolved recipe; refuse to mix two different runs in one folder."""
+    run_dir = recipe.run_dir
+    saved = run_dir / "recipe.yaml"
+    text = dump_recipe(recipe)
+    if saved.is_file() and not overwrite:
+        if not resume:
+            raise FinetuneError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+                                "start it over, or choose another output_dir")
+        if saved.read_text(encoding="utf-8") != text:
+            changed = _changed_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(text))
+            raise FinetuneError(f"{saved}: the recipe differs from the one this run started with "
+                                f"({', '.join(changed)}); resume needs the same recipe")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".yaml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(saved)
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+@contextmanager
+def disk_errors(run_dir: Path):
+    """A full disk or an unwritable folder becomes one clear error naming the path, not a library traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise FinetuneError(f"cannot write {e.filename or run_dir}: {os.strerror(e.errno)}") from e
+    except FinetuneError:
+        raise
+    except Exception as e:  # torch and safetensors report failed writes in their own exception types
+        if not any(f"os error {n}" in str(e) or os.strerror(n) in str(e) for n in DISK_ERRNOS):
+            raise
+        raise FinetuneError(f"cannot write under {run_dir}: {e}") from e
 
 
 def load_tokenizer(name: str):
@@ -55,39 +140,27 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
-def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None):
+def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None,
+              resume: bool, stop) -> Path:
     stage_dir.mkdir(parents=True, exist_ok=True)
     print(f"\n=== stage {stage.type} -> {stage_dir}")
     if stage.type == "sft":
         from finetune.stages.sft import run_sft
 
-        return run_sft(recipe, stage, base_path, tokenizer, stage_dir)
+        return run_sft(recipe, stage, base_path, tokenizer, stage_dir, resume, stop)
     from finetune.stages.dpo import run_dpo
 
-    return run_dpo(recipe, stage, base_path, tokenizer, stage_dir, previous_adapter)
+    return run_dpo(recipe, stage, base_path, tokenizer, stage_dir, previous_adapter, resume, stop)
 
 
-def export(recipe: Recipe, base_path: Path, adapter: Path, tokenizer, out_dir: Path) -> Path:
-    from finetune.export import export_merged
+def export(recipe: Recipe) -> Path:
+    from finetune.export import RunFiles, export_merged
 
+    out_dir = recipe.run_dir / "export"
     print(f"\n=== export -> {out_dir}")
-    card = model_card(recipe, base_path)
-    return export_merged(base_path, adapter, tokenizer, out_dir, recipe.export.dtype,
-                         recipe.export.verify_tolerance, card)
-
-
-def model_card(recipe: Recipe, base_path: Path) -> str:
-    from finetune.stages.common import read_manifest
-
-    lines = [f"# Fine-tune of {recipe.model.name_or_path}", "", f"Base checkpoint: `{base_path}`", "",
-             "Stages, in order:"]
-    for stage in recipe.stages:
-        manifest = read_manifest(recipe.run_dir / stage.type)
-        sources = getattr(recipe.data, stage.type).sources
-        lines.append(f"- {stage.type}: data {[s.path or s.hub for s in sources]}, "
-                     f"final eval {json.dumps(manifest.get('final_eval', {}))}")
-    lines += ["", "Recipe:", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
-    return "\n".join(lines)
+    export_merged(RunFiles.read(recipe.run_dir), out_dir, dtype=recipe.export.dtype, base=recipe.export.base,
+                  max_shard_size=recipe.export.max_shard_size, tolerance=recipe.export.verify_tolerance)
+    return out_dir
 
 
 def print_artifacts(record: dict) -> None:
@@ -98,3 +171,5 @@ def print_artifacts(record: dict) -> None:
         print(f"  {name:<16}: {path}  (adapter/, metrics.jsonl, manifest.json)")
     if "export" in record:
         print(f"  merged export   : {record['export']}")
+    for line in record.get("dashboards", []):
+        print(f"  {line}")

@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant")
 
 
+class ConversationError(ValueError):
+    """A conversation Mixtral-Instruct cannot encode; `reason` is a short category for counting dropped rows."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
 def tokenize_conversation(
     messages: list[dict], tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool = False
 ) -> dict[str, list[int]]:
@@ -24,46 +32,84 @@ def tokenize_conversation(
     The mask is 1 on each assistant turn's tokens and its closing "</s>", 0 on "<s>" and the "[INST] ... [/INST]"
     parts; with `train_on_prompt` it is 1 everywhere.
     """
-    system_prompt, turns = _check_conversation(messages, last_role="assistant")
-    input_ids = [tokenizer.bos_token_id]
-    completion_mask = [0]
-    for index, (role, content) in enumerate(turns):
-        ids = _encode_turn(tokenizer, role, content, system_prompt if index == 0 else None)
-        input_ids += ids
-        completion_mask += [int(role == "assistant")] * len(ids)
-    if train_on_prompt:
-        completion_mask = [1] * len(input_ids)
-    return {"input_ids": input_ids, "completion_mask": completion_mask}
+    (example,) = tokenize_conversations([messages], tokenizer, train_on_prompt=train_on_prompt)
+    if isinstance(example, ConversationError):
+        raise example
+    return example
+
+
+def tokenize_conversations(
+    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool = False
+) -> list[dict[str, list[int]] | ConversationError]:
+    """`tokenize_conversation` for many conversations with one tokenizer call for all their turns (much faster);
+    a conversation that cannot be encoded gives its ConversationError in its place."""
+    checked: list[list[tuple[str, str]] | ConversationError] = []
+    for messages in conversations:
+        try:
+            checked.append(_turn_texts(*_check_conversation(messages, last_role="assistant")))
+        except ConversationError as e:
+            checked.append(e)
+    encoded = iter(_encode_texts(tokenizer, [text for turns in checked if isinstance(turns, list)
+                                             for _, text in turns]))
+    examples: list[dict[str, list[int]] | ConversationError] = []
+    for turns in checked:
+        if isinstance(turns, ConversationError):
+            examples.append(turns)
+            continue
+        input_ids, completion_mask = [tokenizer.bos_token_id], [0]
+        for role, _ in turns:
+            ids = next(encoded) + ([tokenizer.eos_token_id] if role == "assistant" else [])
+            input_ids += ids
+            completion_mask += [int(role == "assistant")] * len(ids)
+        examples.append({"input_ids": input_ids,
+                         "completion_mask": [1] * len(input_ids) if train_on_prompt else completion_mask})
+    return examples
 
 
 def tokenize_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """A conversation ending with a user turn to the prompt ids, ending in "[/INST]", that generation continues."""
-    system_prompt, turns = _check_conversation(messages, last_role="user")
+    turns = _turn_texts(*_check_conversation(messages, last_role="user"))
     input_ids = [tokenizer.bos_token_id]
-    for index, (role, content) in enumerate(turns):
-        input_ids += _encode_turn(tokenizer, role, content, system_prompt if index == 0 else None)
+    for (role, _), ids in zip(turns, _encode_texts(tokenizer, [text for _, text in turns])):
+        input_ids += ids + ([tokenizer.eos_token_id] if role == "assistant" else [])
     return input_ids
 
 
-def _encode_turn(tokenizer: PreTrainedTokenizerBase, role: str, content: str, system_prompt: str | None) -> list[int]:
-    if role == "assistant":
-        return _encode_text(tokenizer, content) + [tokenizer.eos_token_id]
-    if system_prompt is not None:
-        content = f"{system_prompt}\n\n{content}"
-    return _encode_text(tokenizer, f"[INST] {content} [/INST]")
+def _turn_texts(system_prompt: str | None, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(role, text) of each turn as mistral-common encodes it, apart: the closing "</s>" is added after encoding."""
+    texts = []
+    for index, (role, content) in enumerate(turns):
+        if role == "assistant":
+            texts.append((role, content))
+            continue
+        if index == 0 and system_prompt is not None:
+            content = f"{system_prompt}\n\n{content}"
+        texts.append((role, f"[INST] {content} [/INST]"))
+    return texts
 
 
-def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     # mistral-common reads "<s>" or "</s>" inside a message as text, never as a control token.
-    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # What `tokenizer(texts, split_special_tokens=True)` does, without building its per-text Python objects.
+    previous, backend.encode_special_tokens = backend.encode_special_tokens, True
+    try:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = previous
 
 
 def _check_conversation(
     messages: list[dict], last_role: Literal["user", "assistant"]
 ) -> tuple[str | None, list[tuple[str, str]]]:
-    """The system prompt (or None) and the (role, content) turns; ValueError naming the first message that is wrong."""
+    """The system prompt (or None) and the (role, content) turns; ConversationError naming the first wrong message."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r:.80}")
+        raise ConversationError("wrong_type" if messages else "missing_field",
+                                f"a conversation must be a non-empty list of messages, got {messages!r:.80}")
     checked = [_check_message(index, message) for index, message in enumerate(messages)]
     system_prompt = checked[0][1] if checked[0][0] == "system" else None
     offset = int(system_prompt is not None)
@@ -71,34 +117,47 @@ def _check_conversation(
     for position, (role, _) in enumerate(turns):
         index, expected = position + offset, ("user", "assistant")[position % 2]
         if role == "system":
-            raise ValueError(f"message {index}: a system message is only allowed as the first message")
+            raise ConversationError(
+                "wrong_turn_order", f"message {index}: a system message is only allowed as the first message"
+            )
         if role != expected:
-            raise ValueError(
+            raise ConversationError(
+                "wrong_turn_order",
                 f"message {index}: expected role '{expected}', got '{role}'; turns must alternate user/assistant, "
                 "starting with user (after an optional system message)"
             )
     if not turns:
-        raise ValueError("the conversation has a system message but no user message")
+        raise ConversationError("wrong_turn_order", "the conversation has a system message but no user message")
     if turns[-1][0] != last_role:
-        raise ValueError(f"the conversation must end with role '{last_role}', it ends with '{turns[-1][0]}'")
+        raise ConversationError("wrong_turn_order",
+                                f"the conversation must end with role '{last_role}', it ends with '{turns[-1][0]}'")
     return system_prompt, turns
 
 
 def _check_message(index: int, message: object) -> tuple[str, str]:
     if not isinstance(message, dict):
-        raise ValueError(f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}")
-    missing = [key for key in ("role", "content") if key not in message]
+        raise ConversationError(
+            "wrong_type", f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}"
+        )
+    missing = [key for key in ("role", "content") if message.get(key) is None]  # datasets fill absent keys with None
     if missing:
-        raise ValueError(f"message {index}: missing key {' and '.join(map(repr, missing))}")
+        raise ConversationError("missing_field", f"message {index}: missing key {' and '.join(map(repr, missing))}")
     # Datasets give every message the union of all keys, with None where absent: only set values are unexpected.
     unexpected = sorted(key for key, value in message.items() if key not in ("role", "content") and value is not None)
     if unexpected:
-        raise ValueError(f"message {index}: unexpected keys {unexpected}; a message has only 'role' and 'content'")
+        raise ConversationError(
+            "unexpected_field",
+            f"message {index}: unexpected keys {unexpected}; a message has only 'role' and 'content'",
+        )
     role, content = message["role"], message["content"]
     if role not in ROLES:
-        raise ValueError(f"message {index}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        raise ConversationError(
+            "unknown_role", f"message {index}: unknown role {role!r}; expected one of {', '.join(ROLES)}"
+        )
     if not isinstance(content, str):
-        raise ValueError(f"message {index} ({role}): content must be a string, got {type(content).__name__}")
+        raise ConversationError(
+            "wrong_type", f"message {index} ({role}): content must be a string, got {type(content).__name__}"
+        )
     if not content.strip():
-        raise ValueError(f"message {index} ({role}): content is empty or only whitespace")
+        raise ConversationError("empty_message", f"message {index} ({role}): content is empty or only whitespace")
     return role, content

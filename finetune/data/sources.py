@@ -1,87 +1,182 @@
-"""Read a stage's data sources into rows, and turn rows into training examples.
+"""Read a data source (a local JSON Lines, JSON, Parquet or CSV file, or a hub dataset) into a table of raw rows.
 
-Every problem with a row is reported with the file and the row number (1-based line for JSON Lines).
+Rows are not judged here: a line that is not valid UTF-8 or JSON is kept with its problem noted, so that the
+tokenizing step can fail on it or count it, and every row keeps its number in the file for error messages.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
-from finetune.recipe.schema import DataSource, StageData
+from finetune.recipe.schema import SPLIT, DataSource
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+JSON_COLUMN, ROW_COLUMN, ERROR_COLUMN = "_json", "_row", "_error"
+DETECT_ROWS = 200  # rows of a JSON source read to tell its format
 
 
 class DataError(FinetuneError, ValueError):
     """Input data that cannot be used, naming the source and the row."""
 
 
-@dataclass(frozen=True)
-class Row:
-    source: str
-    number: int
-    data: dict
+@dataclass
+class SourceRows:
+    """A source's rows as a datasets.Dataset: the source's own columns, or one column of JSON text per row
+    (`_json`), plus each row's number in the file (`_row`) and a problem found while reading it (`_error`)."""
+
+    source: DataSource
+    rows: Dataset
+    unit: str  # "line" for line-numbered files (JSON Lines, CSV), "row" otherwise
+    keys: list[str]  # the fields seen, to tell the format from
+
+    def locate(self, number: int) -> str:
+        return locate(self.source.name, self.unit, number)
 
 
-def read_source(source: DataSource) -> Iterator[Row]:
-    if source.path is not None:
-        yield from _read_jsonl(Path(source.path))
-        return
-    import datasets
-
-    for i, data in enumerate(datasets.load_dataset(source.hub, split=source.split), start=1):
-        yield Row(f"{source.hub}[{source.split}]", i, data)
+def locate(name: str, unit: str, number: int) -> str:
+    return f"{name}:{number}" if unit == "line" else f"{name} row {number}"
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+@dataclass
+class OpenedSource:
+    """A source identified by its content: a local file's bytes hash, or a loaded hub dataset's fingerprint."""
+
+    source: DataSource
+    fingerprint: str
+    hub_rows: Dataset | None = None
+
+
+def open_source(source: DataSource) -> OpenedSource:
+    if source.hub is not None:
+        import datasets
+
+        rows = datasets.load_dataset(source.hub, source.subset, split=source.split)
+        return OpenedSource(source, f"{source.name}@{rows._fingerprint}", rows)
+    h = hashlib.sha256()
+    with open(source.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return OpenedSource(source, h.hexdigest())
+
+
+def read_source(opened: OpenedSource) -> SourceRows:
+    source = opened.source
+    if opened.hub_rows is not None:
+        return _from_table(source, opened.hub_rows, unit="row")
+    path = Path(source.path)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != opened.fingerprint:  # the cache key must describe what was read
+        raise DataError(f"{path}: the file changed while it was being read; run again")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        from datasets import Dataset
+
+        return _from_table(source, Dataset(pq.read_table(io.BytesIO(data))), unit="row", slice_split=True)
+    if path.suffix == ".jsonl":
+        return _from_json_rows(source, _jsonl_rows(data), unit="line")
+    if path.suffix == ".json":
+        return _from_json_rows(source, _json_array_rows(data, path), unit="row")
+    return _from_json_rows(source, _csv_rows(data), unit="line")
+
+
+def _from_table(source: DataSource, table: Dataset, unit: str, slice_split: bool = False) -> SourceRows:
+    numbers = list(range(1, len(table) + 1))
+    if slice_split:
+        numbers = _slice(numbers, source.split)
+        table = table.select([n - 1 for n in numbers])
+    table = table.add_column(ROW_COLUMN, numbers).add_column(ERROR_COLUMN, [""] * len(numbers))
+    return SourceRows(source, table, unit, [c for c in table.column_names if c not in (ROW_COLUMN, ERROR_COLUMN)])
+
+
+def _from_json_rows(source: DataSource, rows: Iterator[tuple[int, str, str]], unit: str) -> SourceRows:
+    """Rows as (number, JSON text, problem); the text is parsed again where the row is tokenized."""
+    from datasets import Dataset
+
+    rows = _slice(list(rows), source.split)
+    keys: dict[str, None] = {}
+    for _, text, error in rows[:DETECT_ROWS]:
+        if not error:
             try:
-                data = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(data, dict):
-                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(data).__name__}")
-            yield Row(str(path), number, data)
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            keys.update(dict.fromkeys(value) if isinstance(value, dict) else {})
+    table = Dataset.from_dict({
+        JSON_COLUMN: [text for _, text, _ in rows],
+        ROW_COLUMN: [number for number, _, _ in rows],
+        ERROR_COLUMN: [error for _, _, error in rows],
+    })
+    return SourceRows(source, table, unit, list(keys))
 
 
-def read_stage_rows(data: StageData, seed: int) -> list[Row]:
-    """All rows of a stage's sources, each source repeated or subsampled by its weight, then shuffled."""
-    rng = random.Random(seed)
-    rows: list[Row] = []
-    for source in data.sources:
-        source_rows = list(read_source(source))
-        if not source_rows:
-            raise DataError(f"{source.path or source.hub}: holds no rows")
-        whole, fraction = divmod(source.weight, 1.0)
-        rows += source_rows * int(whole) + rng.sample(source_rows, round(fraction * len(source_rows)))
-    rng.shuffle(rows)
-    return rows
+def _jsonl_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+            yield number, "", f"invalid_utf8: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
 
 
-def split_eval(examples: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a seeded fraction for evaluation (at least one example when the fraction is non-zero)."""
-    if eval_fraction == 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(eval_fraction * len(examples)))
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+def _json_array_rows(data: bytes, path: Path) -> Iterator[tuple[int, str, str]]:
+    # Decoding with surrogateescape keeps a bad byte inside its row, so the row, not the file, is reported.
+    try:
+        value = json.loads(data.decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); a .json file holds one "
+                        "list of rows (use .jsonl for one row per line)") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: a .json file must hold a list of rows, it holds a {type(value).__name__}")
+    for number, item in enumerate(value, start=1):
+        text = json.dumps(item, ensure_ascii=False)
+        if _has_bad_bytes(text):
+            yield number, "", "invalid_utf8: not valid UTF-8"
+        else:
+            yield number, text, ""
 
 
-def fingerprint(data: StageData) -> str:
-    """A content hash of the stage's local files and settings, recorded in the stage manifest."""
-    h = hashlib.sha256(data.model_dump_json().encode())
-    for source in data.sources:
-        if source.path is not None:
-            h.update(Path(source.path).read_bytes())
-    return h.hexdigest()[:16]
+def _csv_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""))
+    line = 1  # the header
+    for record in reader:
+        number, line = line + 1, reader.line_num  # a quoted cell can span lines: a row starts after the last one
+        if None in record:
+            columns = len(reader.fieldnames)
+            yield number, "", f"wrong_type: {columns + len(record[None])} cells for {columns} columns"
+            continue
+        # An empty cell is a missing value (a CSV cannot tell them apart).
+        text = json.dumps({k: (v if v != "" else None) for k, v in record.items()}, ensure_ascii=False)
+        if _has_bad_bytes(text):
+            yield number, "", "invalid_utf8: not valid UTF-8"
+        else:
+            yield number, text, ""
+
+
+def _has_bad_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _slice(items: list, split: str) -> list:
+    """Apply a split's slice ('train[:100]', 'train[10%:50%]') to a local file's rows."""
+    match = SPLIT.fullmatch(split)
+
+    def bound(text: str | None, default: int) -> int:
+        if text is None:
+            return default
+        if text.endswith("%"):
+            return round(int(text[:-1]) * len(items) / 100)
+        return int(text)
+
+    return items[bound(match["start"], 0):bound(match["stop"], len(items))]
+

@@ -1,11 +1,14 @@
 """Mixtral expert stacks held in 4-bit, and the one seam through which every expert computation goes.
 
-`expert_forward` is the reference implementation (a loop over routed experts, one expert's weights
-dequantized at a time). A grouped-GEMM kernel replaces it later; it reads the same packed stacks
-(`Packed4bitStack`) and the same stacked LoRA tensors, so neither format changes.
+`expert_forward` picks the kernel: the grouped-GEMM one (`finetune.moe.grouped`) where it is supported,
+else `reference_expert_forward` (a loop over routed experts, one expert's weights dequantized at a time),
+which stays as the correctness reference. Both read the same packed stacks (`Packed4bitStack`) and the same
+stacked LoRA tensors. Force one with `kernel=` here, `set_expert_kernel(model, ...)` on a model, or the
+environment variable FINETUNE_EXPERT_KERNEL (auto, grouped, reference).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol, Sequence
 
@@ -15,6 +18,9 @@ from torch import nn
 
 Projection = Literal["gate_up", "down"]
 QuantType = Literal["nf4", "fp4"]
+ExpertKernel = Literal["auto", "grouped", "reference"]
+EXPERT_KERNELS = ("auto", "grouped", "reference")
+KERNEL_ENV = "FINETUNE_EXPERT_KERNEL"
 BLOCKSIZE = 64
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for the double-quantized absmax
 
@@ -79,6 +85,53 @@ class Packed4bitStack(nn.Module):
             packed, self.expert_absmax(expert), BLOCKSIZE, self.quant_type, self.shape[1:], dtype
         )
 
+    def block_scales(self) -> torch.Tensor:
+        """Float32 scale of every block of the stack (the double quantization undone once, for all experts)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        import bitsandbytes.functional as bnbf
+
+        scales = bnbf.dequantize_blockwise(
+            self.absmax, absmax=self.nested_absmax, code=self.nested_code, blocksize=_NESTED_BLOCKSIZE
+        )
+        return scales.float() + self.offset
+
+    def dequantize_part(
+        self, scales: torch.Tensor, split: tuple[int, ...], index: tuple, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Dense `shape` from the blocks that `index` picks when every expert's data is viewed as [*split, -1].
+
+        E.g. split (2, P), index (slice(None), c): chunk c of the w1 rows and of the w3 rows of every expert.
+        The picked pieces must be whole blocks (the caller checks); `scales` is `block_scales()`.
+        """
+        num_experts = self.shape[0]
+        pick = (slice(None), *index)
+        data = self.data.view(num_experts, *split, -1)[pick].contiguous()
+        absmax = scales.view(num_experts, *split, -1)[pick].contiguous()
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            data.view(-1), absmax.view(-1), BLOCKSIZE, self.quant_type, shape, dtype
+        )
+
+    def dequantize_rows(self, scales: torch.Tensor, rows: slice, dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
+        """[E, groups * n, in] (n = len(rows)): rows `rows` of each of the `groups` equal row groups of every expert
+        (groups=2 on gate_up: the same rows of w1 and of w3), dequantized in place from the packed data (no copy
+        of it: each expert's group is one contiguous run of blocks). `scales` is `block_scales()`."""
+        num_experts, out_features, in_features = self.shape
+        group_rows, n = out_features // groups, rows.stop - rows.start
+        out = torch.empty(num_experts, groups * n, in_features, dtype=dtype, device=self.data.device)
+        for e in range(num_experts):
+            for g in range(groups):
+                start = (e * out_features + g * group_rows + rows.start) * in_features
+                stop = start + n * in_features
+                args = (self.data[start // 2 : stop // 2], scales[start // BLOCKSIZE : stop // BLOCKSIZE], BLOCKSIZE,
+                        self.quant_type, (n, in_features), dtype)
+                piece = out[e, g * n : (g + 1) * n]
+                if out.is_cuda:  # bitsandbytes has the writing-into variant on CUDA only
+                    torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=piece)
+                else:
+                    piece.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+        return out
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole dense stack: for export and tests only (that is the memory this class exists to avoid)."""
         return torch.stack([self.dequantize_expert(e, dtype) for e in range(self.shape[0])])
@@ -129,6 +182,7 @@ class QuantizedExperts(nn.Module):
         self.intermediate_dim = two_inter // 2
         self.compute_dtype = compute_dtype
         self.act_fn = act_fn
+        self.kernel: ExpertKernel = "auto"
         self.gate_up_proj = Packed4bitStack(gate_up, quant_type, double_quant)
         self.down_proj = Packed4bitStack(down, quant_type, double_quant)
 
@@ -172,6 +226,29 @@ def expert_weights_of(experts: nn.Module) -> ExpertWeights:
     return experts if isinstance(experts, QuantizedExperts) else StockExpertWeights(experts)
 
 
+def set_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
+    """Pin the expert kernel of every `QuantizedExperts` in `model` (kept through checkpoint recomputation,
+    unlike a context manager around the forward); returns how many were set."""
+    if kernel not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {kernel!r}")
+    experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    for m in experts:
+        m.kernel = kernel
+    return len(experts)
+
+
+def _requested_kernel(weights: ExpertWeights, kernel: ExpertKernel | None) -> ExpertKernel:
+    """The argument, else the module's pinned kernel, else the environment variable, else auto."""
+    for choice in (kernel, getattr(weights, "kernel", "auto")):
+        if choice not in (None, "auto"):
+            break
+    else:
+        choice = os.environ.get(KERNEL_ENV, "auto") or "auto"
+    if choice not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {choice!r} (from {KERNEL_ENV}?)")
+    return choice
+
+
 @dataclass(frozen=True)
 class ExpertLoraDelta:
     """One adapter's stacked per-expert LoRA: lora_A[p] [E, r, in], lora_B[p] [E, out, r] for p in w1, w3, w2."""
@@ -207,11 +284,33 @@ def expert_forward(
     top_k_weights: torch.Tensor,
     weights: ExpertWeights,
     lora: Sequence[ExpertLoraDelta] = (),
+    kernel: ExpertKernel | None = None,
 ) -> torch.Tensor:
     """Sum over the routed experts of top_k_weight * (W2_e (act(W1_e x) * W3_e x)), LoRA deltas added per projection.
 
-    hidden_states [T, H], top_k_index/top_k_weights [T, k] -> [T, H]. Reference loop; the kernel seam.
+    hidden_states [T, H], top_k_index/top_k_weights [T, k] -> [T, H]. The kernel seam: "grouped" where
+    supported (an error if forced and unsupported), "reference" otherwise or when asked.
     """
+    requested = _requested_kernel(weights, kernel)
+    if requested != "reference":
+        from .grouped import grouped_expert_forward, grouped_unsupported_reason
+
+        reason = grouped_unsupported_reason(hidden_states, weights, lora)
+        if reason is None:
+            return grouped_expert_forward(hidden_states, top_k_index, top_k_weights, weights, lora)
+        if requested == "grouped":
+            raise ValueError(f"grouped expert kernel unavailable: {reason}")
+    return reference_expert_forward(hidden_states, top_k_index, top_k_weights, weights, lora)
+
+
+def reference_expert_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    weights: ExpertWeights,
+    lora: Sequence[ExpertLoraDelta] = (),
+) -> torch.Tensor:
+    """The reference loop: one routed expert at a time (one host sync per call, for the routing counts)."""
     out = torch.zeros_like(hidden_states)
     for expert, rows, slot in _routing(top_k_index, weights.num_experts):
         x = hidden_states[rows]

@@ -6,6 +6,7 @@ recipe fails before anything heavy is imported.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -60,36 +61,162 @@ class LoraSpec(Section):
         return self
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SFT_FORMATS = ("messages", "prompt_completion", "instruction")
+ROW_FORMATS = (*SFT_FORMATS, "preference")
+# The fields each row format reads; `columns` renames them. "system" is an optional system prompt column.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion", "system"),
+    "instruction": ("instruction", "input", "output", "system"),
+    "preference": ("prompt", "chosen", "rejected", "system"),
+}
+RowFormat = Literal["messages", "prompt_completion", "instruction", "preference"]
+FieldName = Literal[
+    "messages", "prompt", "completion", "instruction", "input", "output", "system", "chosen", "rejected"
+]
+SPLIT = re.compile(r"(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
+
+
 class DataSource(Section):
-    path: str | None = Field(None, description="A local JSON Lines file (relative to the working directory).")
-    hub: str | None = Field(None, description="A dataset on the Hugging Face hub, read with datasets.load_dataset.")
-    split: str = "train"
-    weight: Annotated[float, Field(gt=0)] = 1.0
+    path: str | None = Field(
+        None, description="A local file, relative to the working directory: JSON Lines (.jsonl), JSON (.json, a list "
+        "of rows), Parquet (.parquet) or CSV (.csv; list fields such as messages as JSON text)."
+    )
+    hub: str | None = Field(
+        None, description="A dataset on the Hugging Face hub, or anything else datasets.load_dataset reads (such as "
+        "a local dataset folder)."
+    )
+    subset: str | None = Field(None, description="The hub dataset's configuration (subset) name, when it has several.")
+    split: str = Field(
+        "train", description="The split to read, optionally sliced: 'train_sft', 'train[:1000]', 'train[10%:]'. "
+        "A local file has one split, 'train'."
+    )
+    format: Literal["auto", RowFormat] = Field(
+        "auto", description="The row format: 'messages' (chat), 'prompt_completion', 'instruction' "
+        "(instruction/input/output) or 'preference' (prompt/chosen/rejected); 'auto' tells it from the columns."
+    )
+    columns: dict[FieldName, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict, description="Fields stored under other column names, {field: column}, e.g. "
+        "{messages: conversation} or {instruction: question, output: answer}."
+    )
+    weight: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="Share of the source's usable rows in the mixture: 0.5 takes a seeded half, 2.0 every row "
+        "twice, 1.5 every row once and a seeded half again."
+    )
+    rows: PositiveInt | None = Field(
+        None, description="Take exactly this many training rows from the source instead of a weight (seeded; rows "
+        "repeat when the source has fewer)."
+    )
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="Fraction of this source's usable rows held out for evaluation; the stage's eval_fraction "
+        "when not set."
+    )
 
     @model_validator(mode="after")
     def _one_origin(self) -> DataSource:
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of 'path' (a local file) or 'hub' (a hub dataset name)")
+        if self.path is not None and self.subset is not None:
+            raise ValueError("subset: only a hub dataset has subsets; a local file has none")
+        if self.path is not None and SPLIT.fullmatch(self.split)["name"] != "train":
+            raise ValueError(
+                f"split: a local file has one split, 'train' (sliceable: 'train[:100]'), not {self.split!r}"
+            )
+        if self.rows is not None and "weight" in self.model_fields_set:
+            raise ValueError("give either 'weight' (a share of the source) or 'rows' (a number of rows), not both")
+        allowed = FORMAT_FIELDS.get(self.format, tuple(sorted({f for fs in FORMAT_FIELDS.values() for f in fs})))
+        stray = [f for f in self.columns if f not in allowed]
+        if stray:
+            raise ValueError(f"columns: format '{self.format}' has no field {', '.join(map(repr, stray))}; "
+                             f"its fields are {', '.join(allowed)}")
         return self
 
     @field_validator("path")
     @classmethod
     def _exists(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).is_file():
+        if path is None:
+            return path
+        if not path.endswith(FILE_SUFFIXES):
+            raise ValueError(f"cannot tell the file type of {path}: expected one of {', '.join(FILE_SUFFIXES)}")
+        if not Path(path).is_file():
             raise ValueError(f"no such file: {path} (relative paths are read from {Path.cwd()})")
         return path
 
+    @field_validator("split")
+    @classmethod
+    def _split_syntax(cls, split: str) -> str:
+        if not SPLIT.fullmatch(split):
+            raise ValueError(f"not a split: {split!r}; expected a name, optionally sliced: 'train', 'train[:1000]', "
+                             "'train[10%:50%]'")
+        return split
+
+    @property
+    def name(self) -> str:
+        """How reports name the source: the file, or the hub dataset with its subset and split."""
+        if self.path is not None:
+            return self.path
+        return f"{self.hub}{f'/{self.subset}' if self.subset else ''}[{self.split}]"
+
 
 class StageData(Section):
-    sources: list[DataSource] = Field(min_length=1)
-    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    sources: list[DataSource] = Field(min_length=1, description="The stage's data sources, mixed by their weights.")
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="Fraction of each source's usable rows held out for evaluation (at least one row when not "
+        "zero), for sources that set none."
+    )
+
+
+class SFTData(StageData):
+    packing: bool = Field(
+        False, description="Pack several examples into each max_seq_len sequence (best-fit decreasing); positions "
+        "and attention restart at every example."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _chat_formats(cls, sources: list[DataSource]) -> list[DataSource]:
+        for index, source in enumerate(sources):
+            if source.format == "preference":
+                raise ValueError(f"source {index} ({source.name}): an sft stage reads {', '.join(SFT_FORMATS)} rows, "
+                                 "not preference rows")
+        return sources
+
+
+class DPOData(StageData):
+    @field_validator("sources")
+    @classmethod
+    def _preference_format(cls, sources: list[DataSource]) -> list[DataSource]:
+        for index, source in enumerate(sources):
+            if source.format not in ("auto", "preference"):
+                raise ValueError(f"source {index} ({source.name}): a dpo stage reads preference rows "
+                                 f"(prompt, chosen, rejected), not '{source.format}'")
+        return sources
 
 
 class DataSpec(Section):
-    max_seq_len: PositiveInt = 2048
-    train_on_prompt: bool = False
-    sft: StageData | None = None
-    dpo: StageData | None = None
+    max_seq_len: PositiveInt = Field(
+        2048, description="Longest example in tokens; for DPO, the prompt plus the longer of the two replies."
+    )
+    on_too_long: Literal["drop", "truncate", "fail"] = Field(
+        "drop", description="An example longer than max_seq_len: 'drop' it, 'truncate' it to its first max_seq_len "
+        "tokens (one left with no trained token is dropped), or 'fail'. Drops and truncations are counted."
+    )
+    on_bad_row: Literal["fail", "drop"] = Field(
+        "fail", description="A row that cannot be used (a missing field, an unknown role, wrong turn order, an empty "
+        "message, invalid UTF-8 or JSON...): 'fail' stops naming file, row and reason; 'drop' skips it, counted by "
+        "reason."
+    )
+    train_on_prompt: bool = Field(False, description="SFT: put the loss on system and user tokens too.")
+    num_proc: PositiveInt | None = Field(
+        None, description="Processes that tokenize; null: one per 20,000 rows, up to the CPU cores available."
+    )
+    cache: bool = Field(
+        True, description="Reuse preprocessed data from $FINETUNE_CACHE (default ~/.cache/finetune), keyed by this "
+        "section, the seed, the tokenizer and the files' contents."
+    )
+    sft: SFTData | None = Field(None, description="The SFT stage's data: chat, prompt/completion or instruction rows.")
+    dpo: DPOData | None = Field(None, description="The DPO stage's data: preference rows.")
 
 
 class Training(Section):
@@ -107,6 +234,9 @@ class Training(Section):
     gradient_checkpointing: bool = True
     logging_steps: PositiveInt = 10
     save_steps: PositiveInt = 200
+    save_total_limit: PositiveInt | None = Field(
+        3, description="Checkpoints kept per stage (the newest complete ones); null keeps all."
+    )
     eval_steps: PositiveInt | None = None
     router_aux_loss_coef: Annotated[float, Field(ge=0.0)] = 0.02
 
@@ -129,15 +259,57 @@ STAGE_TYPES = ("sft", "dpo")
 class ExportSpec(Section):
     merge: bool = Field(True, description="Merge the final adapter into the base weights and save the merged model.")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    verify_tolerance: Annotated[float, Field(gt=0)] = Field(
-        2e-2, description="Largest allowed |logit difference| between the export and base+adapter."
+    base: Literal["original", "dequantized"] = Field(
+        "original", description="Merge into the base checkpoint's weights, or into the 4-bit weights as trained."
+    )
+    max_shard_size: str = Field("5GB", pattern=r"^\s*\d+(\.\d+)?\s*[KMG]?B\s*$", description="e.g. 5GB, 500MB")
+    verify_tolerance: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Largest allowed |logit difference| between the export and base+adapter; "
+                          "default by dtype: float32 1e-3, bfloat16 0.25, float16 0.05."
     )
 
 
+Dashboard = Literal["none", "wandb", "tensorboard"]
+
+
+def _default_dashboards() -> list[str]:
+    """wandb when it is installed (it is a dependency, so normally always), otherwise none."""
+    from importlib.util import find_spec
+
+    return ["wandb"] if find_spec("wandb") is not None else ["none"]
+
+
 class TrackingSpec(Section):
-    report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(default_factory=lambda: ["none"])
-    project: str = "finetune"
-    run_name: str | None = None
+    report_to: list[Dashboard] = Field(
+        default_factory=_default_dashboards, min_length=1,
+        description="Dashboards to log to, several at once: 'wandb' (offline, synced later, when no W&B credentials "
+        "are found), 'tensorboard' (event files in <output_dir>/tensorboard), or 'none'."
+    )
+    project: str = Field("finetune", description="The W&B project.")
+    run_name: str | None = Field(None, description="The dashboard run's name; the output_dir's folder name when null.")
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, description="W&B tags."
+    )
+    notes: str | None = Field(None, description="W&B notes: a line about what this run tries.")
+    router_stats: bool = Field(
+        True, description="Log the router's per-layer expert load, entropy and auxiliary loss while training."
+    )
+    router_stats_steps: PositiveInt | None = Field(
+        None, description="Steps between router statistics; the stage's logging_steps when null."
+    )
+    drift_examples: Annotated[int, Field(ge=0)] = Field(
+        16, description="Held-out examples on which each stage's end compares its routing with the base model's "
+        "(0: no drift measurement)."
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, report_to: list[str]) -> list[str]:
+        if "none" in report_to and len(report_to) > 1:
+            raise ValueError(f"'none' cannot be combined with dashboards, got {report_to}")
+        if len(set(report_to)) != len(report_to):
+            raise ValueError(f"a dashboard is listed twice: {report_to}")
+        return report_to
 
 
 class Recipe(Section):

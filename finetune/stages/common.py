@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
+from finetune.errors import FinetuneError
 from finetune.recipe.schema import Recipe, Training
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
@@ -37,9 +42,10 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         logging_first_step=True,
         save_strategy="steps",
         save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
-        report_to=[r for r in recipe.tracking.report_to if r != "none"] or "none",
+        report_to="none",  # the dashboards are fed by finetune.tracking (see stage_callbacks), not the trainer
         run_name=recipe.tracking.run_name,
         bf16=recipe.model.compute_dtype == "bfloat16" and device != "cpu",
         fp16=recipe.model.compute_dtype == "float16",
@@ -50,6 +56,18 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         remove_unused_columns=False,
         disable_tqdm=False,
     )
+
+
+def stage_callbacks(recipe: Recipe, stage: Training, stage_dir: Path, dashboards) -> list[TrainerCallback]:
+    """The trainer logs to the stage's dashboards, and the router telemetry (when on) every N steps."""
+    from finetune.telemetry import RouterTelemetry
+    from finetune.tracking import DashboardLog
+
+    callbacks = [DashboardLog(dashboards)]
+    if recipe.tracking.router_stats:
+        every = recipe.tracking.router_stats_steps or stage.logging_steps
+        callbacks.append(RouterTelemetry(every, stage_dir, dashboards))
+    return callbacks
 
 
 class MetricsLog(TrainerCallback):
@@ -67,7 +85,7 @@ class MetricsLog(TrainerCallback):
 
 def write_manifest(stage_dir: Path, **fields: Any) -> None:
     """The stage's hand-off to the next one: what it trained from, with what, and what it produced."""
-    manifest = {**fields, "versions": {name: version(name) for name in LIBRARIES}}
+    manifest = {**fields, "complete": True, "versions": {name: version(name) for name in LIBRARIES}}
     tmp = stage_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     tmp.replace(stage_dir / "manifest.json")
@@ -80,3 +98,108 @@ def read_manifest(stage_dir: Path) -> dict:
 def read_metrics(stage_dir: Path) -> list[dict]:
     path = stage_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class StopRequested(FinetuneError):
+    """SIGTERM arrived: a checkpoint was saved and the run stopped before anything after this stage."""
+
+
+class NonFiniteTraining(FinetuneError):
+    """The loss or the gradients became NaN or inf; the optimizer step was not taken."""
+
+
+class StopSignal:
+    """Turns SIGTERM into a flag that training checks between steps; installed for the whole run."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopSignal:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def check(self, where: str) -> None:
+        if self.requested:
+            raise StopRequested(f"stopped by SIGTERM {where}; resume with --resume")
+
+
+class TrainingGuard(TrainerCallback):
+    """Stops at the end of a step with a checkpoint when SIGTERM arrived, and refuses non-finite gradients
+    before the optimizer step, so the last checkpoint and the weights stay usable."""
+
+    def __init__(self, stop: StopSignal, stage: str):
+        self.stop = stop
+        self.stage = stage
+        # FINETUNE_TRACE_STEPS=1 prints each micro-step: how the crash tests know where a kill lands
+        self.trace = os.environ.get("FINETUNE_TRACE_STEPS") == "1"
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.trace:
+            print(f"[trace] {self.stage} micro-step inside step {state.global_step + 1}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trace:
+            print(f"[trace] {self.stage} step {state.global_step} done", flush=True)
+        if self.stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+        norms = torch._foreach_norm([p.grad for _, p in params])
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return
+        bad = [n for (n, _), norm in zip(params, norms) if not torch.isfinite(norm)]
+        raise NonFiniteTraining(
+            f"step {state.global_step + 1}: the loss or gradients are NaN/inf ({len(bad)} tensors, e.g. {bad[0]}); "
+            f"stopped before the optimizer step. Last checkpoint: {last_complete_checkpoint(Path(args.output_dir))}"
+        )
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that was fully written. The trainer writes trainer_state.json last, so a
+    checkpoint torn by a kill lacks it or holds half of it."""
+    complete = [c for c in checkpoints.glob("checkpoint-*") if _is_complete(c)]
+    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(checkpoint.name.split("-")[1])
+    except (OSError, ValueError):
+        return False
+    needed = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+    return state.get("global_step") == step and all((checkpoint / n).is_file() for n in needed)
+
+
+def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
+    """On --resume: the last complete checkpoint, after moving torn ones out of the trainer's way (its
+    rotation would count them and could delete a complete one)."""
+    checkpoints = stage_dir / "checkpoints"
+    if not resume or not checkpoints.is_dir():
+        return None
+    for torn in [c for c in checkpoints.glob("checkpoint-*") if not _is_complete(c)]:
+        print(f"[resume] ignoring the incomplete checkpoint {torn}")
+        shutil.rmtree(torn)
+    found = last_complete_checkpoint(checkpoints)
+    print(f"[resume] {'continuing from ' + str(found) if found else 'no complete checkpoint: starting the stage over'}")
+    return found
+
+
+def train(trainer, stage_dir: Path, resume: bool, stop: StopSignal) -> None:
+    """Run the trainer (from a checkpoint on resume); raise StopRequested if SIGTERM ended it early."""
+    trainer.train(resume_from_checkpoint=str(c) if (c := checkpoint_to_resume(stage_dir, resume)) else None)
+    stop.check(f"at step {trainer.state.global_step} (checkpoint {last_complete_checkpoint(stage_dir / 'checkpoints')})")
+
+
+def stage_finished(stage_dir: Path) -> bool:
+    path = stage_dir / "manifest.json"
+    return path.is_file() and read_manifest(stage_dir).get("complete") is True

@@ -10,21 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune import model as models
-from finetune.data.examples import preference_examples
-from finetune.data.sources import fingerprint, read_stage_rows, split_eval
+from finetune.data.prepare import prepare_dpo
 from finetune.recipe.schema import DPOStage, Recipe
-from finetune.stages.common import MetricsLog, trainer_kwargs, write_manifest
+from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, stage_callbacks, train, trainer_kwargs,
+                                    write_manifest)
 
 
-def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
-            sft_adapter: Path | None) -> Path:
-    """Train on preference pairs; returns the adapter folder."""
-    from datasets import Dataset
+def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
+                      sft_adapter: Path | None, stop: StopSignal, callbacks: list = ()):
+    """The preference data, the 4-bit base with the SFT adapter (trainable, and copied as the reference);
+    `callbacks` are added to the trainer's own (dashboards, router telemetry)."""
     from trl import DPOConfig, DPOTrainer
 
-    examples = preference_examples(read_stage_rows(recipe.data.dpo, recipe.seed), tokenizer, recipe.data.max_seq_len)
-    print(f"[dpo] data: {examples.summary()}")
-    train, held_out = split_eval(examples.rows, recipe.data.dpo.eval_fraction, recipe.seed)
+    prepared = prepare_dpo(recipe, tokenizer)
+    print(prepared.summary())
+    train_rows, held_out = prepared.train, prepared.eval
 
     device = models.resolve_device(recipe.model)
     base, report = models.load_base(recipe.model, base_path, device)
@@ -38,23 +38,38 @@ def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_d
 
     args = DPOConfig(**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                      beta=stage.beta, loss_type=[stage.loss_type])
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(held_out) if held_out else None,
-        processing_class=tokenizer,
-        callbacks=[MetricsLog(stage_dir / "metrics.jsonl")],
-    )
-    trainer.train()
-    final_eval = trainer.evaluate() if held_out else {}
+    with models.fp32_adapter_weights(model):
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=held_out,
+            processing_class=tokenizer,
+            callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), TrainingGuard(stop, "dpo"), *callbacks],
+        )
+    data = {**prepared.manifest(), "fingerprint": prepared.fingerprint}
+    return trainer, data
 
-    adapter_dir = stage_dir / "adapter"
-    models.save_adapter(model, adapter_dir)
-    trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
-    write_manifest(stage_dir, stage="dpo", base_model=str(base_path), adapter=str(adapter_dir),
-                   reference_policy=str(sft_adapter) if sft_adapter else "base model",
-                   lora=recipe.lora.model_dump(), data_fingerprint=fingerprint(recipe.data.dpo),
-                   examples={"train": len(train), "eval": len(held_out), "dropped": dict(examples.dropped)},
-                   final_eval=final_eval)
+
+def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
+            sft_adapter: Path | None, resume: bool, stop: StopSignal) -> Path:
+    """Train on preference pairs; returns the adapter folder."""
+    from finetune.telemetry import finish_stage
+    from finetune.tracking import StageDashboards
+
+    with StageDashboards.open(recipe, "dpo", stage_dir) as dashboards:
+        trainer, data = build_dpo_trainer(recipe, stage, base_path, tokenizer, stage_dir, sft_adapter, stop,
+                                          stage_callbacks(recipe, stage, stage_dir, dashboards))
+        train(trainer, stage_dir, resume, stop)
+        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+
+        adapter_dir = stage_dir / "adapter"
+        models.save_adapter(trainer.model, adapter_dir)
+        trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
+        routing = finish_stage(trainer, "dpo", stage_dir, dashboards, recipe.tracking.drift_examples,
+                               recipe.data.max_seq_len)
+        write_manifest(stage_dir, stage="dpo", base_model=str(base_path), adapter=str(adapter_dir),
+                       reference_policy=str(sft_adapter) if sft_adapter else "base model",
+                       lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
+                       examples=data, final_eval=final_eval, routing=routing)
     return adapter_dir

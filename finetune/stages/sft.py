@@ -5,21 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune import model as models
-from finetune.data.examples import sft_examples
-from finetune.data.sources import fingerprint, read_stage_rows, split_eval
+from finetune.data.prepare import prepare_sft
 from finetune.recipe.schema import Recipe, SFTStage
-from finetune.stages.common import MetricsLog, trainer_kwargs, write_manifest
+from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, stage_callbacks, train, trainer_kwargs,
+                                    write_manifest)
 
 
-def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path) -> Path:
-    """Train a new adapter on the SFT data; returns the adapter folder."""
-    from datasets import Dataset
+def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
+                      stop: StopSignal, callbacks: list = ()):
+    """The data, the 4-bit base with a new adapter, and trl's trainer, ready to train; `callbacks` are added to
+    the trainer's own (dashboards, router telemetry)."""
     from trl import SFTConfig, SFTTrainer
 
-    examples = sft_examples(read_stage_rows(recipe.data.sft, recipe.seed), tokenizer,
-                            recipe.data.max_seq_len, recipe.data.train_on_prompt)
-    print(f"[sft] data: {examples.summary()}")
-    train, held_out = split_eval(examples.rows, recipe.data.sft.eval_fraction, recipe.seed)
+    prepared = prepare_sft(recipe, tokenizer)
+    print(prepared.summary())
+    train_rows, held_out = prepared.train, prepared.eval
 
     device = models.resolve_device(recipe.model)
     base, report = models.load_base(recipe.model, base_path, device)
@@ -29,22 +29,37 @@ def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_d
 
     args = SFTConfig(**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                      completion_only_loss=True)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(held_out) if held_out else None,
-        processing_class=tokenizer,
-        callbacks=[MetricsLog(stage_dir / "metrics.jsonl")],
-    )
-    trainer.train()
-    final_eval = trainer.evaluate() if held_out else {}
+    with models.fp32_adapter_weights(model):
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=held_out,
+            processing_class=tokenizer,
+            callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), TrainingGuard(stop, "sft"), *callbacks],
+        )
+    data = {**prepared.manifest(), "fingerprint": prepared.fingerprint}
+    return trainer, data
 
-    adapter_dir = stage_dir / "adapter"
-    models.save_adapter(model, adapter_dir)
-    trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
-    write_manifest(stage_dir, stage="sft", base_model=str(base_path), adapter=str(adapter_dir),
-                   lora=recipe.lora.model_dump(), data_fingerprint=fingerprint(recipe.data.sft),
-                   examples={"train": len(train), "eval": len(held_out), "dropped": dict(examples.dropped)},
-                   final_eval=final_eval)
+
+def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
+            resume: bool, stop: StopSignal) -> Path:
+    """Train a new adapter on the SFT data; returns the adapter folder."""
+    from finetune.telemetry import finish_stage
+    from finetune.tracking import StageDashboards
+
+    with StageDashboards.open(recipe, "sft", stage_dir) as dashboards:
+        trainer, data = build_sft_trainer(recipe, stage, base_path, tokenizer, stage_dir, stop,
+                                          stage_callbacks(recipe, stage, stage_dir, dashboards))
+        train(trainer, stage_dir, resume, stop)
+        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+
+        adapter_dir = stage_dir / "adapter"
+        models.save_adapter(trainer.model, adapter_dir)
+        trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
+        routing = finish_stage(trainer, "sft", stage_dir, dashboards, recipe.tracking.drift_examples,
+                               recipe.data.max_seq_len)
+        write_manifest(stage_dir, stage="sft", base_model=str(base_path), adapter=str(adapter_dir),
+                       lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
+                       examples=data, final_eval=final_eval, routing=routing)
     return adapter_dir

@@ -10,7 +10,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.data.chat import tokenize_conversation, tokenize_prompt
+from finetune.data.chat import ConversationError, tokenize_conversation, tokenize_conversations, tokenize_prompt
 from finetune.tokenizer import build_mixtral_tokenizer, mixtral_tokenizer_file
 
 FRAGMENTS = [
@@ -97,6 +97,21 @@ def test_conversations_match_mistral_common(tokenizer, mistral):
         example = tokenize_conversation(messages, tokenizer)
         assert example["input_ids"] == mistral(messages), messages
         assert len(example["completion_mask"]) == len(example["input_ids"])
+
+
+def test_batched_conversations_match_mistral_common_with_bad_ones_in_place(tokenizer, mistral):
+    batch = conversations(60, seed=6)
+    bad = {7: [U], 20: [A, U, A], 41: []}
+    for index, messages in bad.items():
+        batch.insert(index, messages)
+    examples = tokenize_conversations(batch, tokenizer)
+    assert len(examples) == len(batch)
+    for index, (messages, example) in enumerate(zip(batch, examples)):
+        if index in bad:
+            assert isinstance(example, ConversationError)
+        else:
+            assert example["input_ids"] == mistral(messages)
+            assert example == tokenize_conversation(messages, tokenizer)
 
 
 def test_prompts_match_mistral_common_and_prefix_the_conversation(tokenizer, mistral):

@@ -1,0 +1,541 @@
+"""QLoRA training speed and memory of Mixtral-8x7B on one GPU: our grouped 4-bit experts against a naive path.
+
+    python -m finetune.bench                 # GPU: full 8x7B shape (32 layers, random weights), seq 2048 and 4096
+    python -m finetune.bench --tiny          # the tiny model (the default without a GPU), same table
+    finetune bench --seqs 4096 --no-naive
+
+Both paths: the model built directly in 4-bit (NF4, double quantization), LoRA r=16 (alpha 32) on q/k/v/o and
+on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW; tokens/s is seq / median step time over
+`--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included).
+  fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU).
+  naive: one bitsandbytes Linear4bit per expert projection, a Python loop over experts (peft LoRA on each),
+         transformers' own loss, fp32 AdamW states: the usual QLoRA set-up.
+Before timing, the fast kernel is checked against the reference loop (one layer's experts, then the whole
+model's loss and expert LoRA gradients); no speed is reported for it if the check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+GIB = 2**30
+LORA_R, LORA_ALPHA = 16, 32
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Relative errors (||fast - reference|| / ||reference||) the fast kernel may show."""
+
+    layer: float  # one layer's experts: output, input gradient, each LoRA gradient (A and B, all experts)
+    loss: float  # whole model: |loss difference| / loss ...
+    grads: float  # ... and all expert LoRA gradients together,
+    floor_factor: float = 2.0  # or up to this many times what one bf16 rounding of the input does to the reference
+
+
+# fp32 on CPU: summation order only. bf16 on GPU: the reference computes LoRA in fp32 and rounds per expert;
+# a deep random-weight model amplifies any rounding difference on the way back through its layers, hence
+# the whole-model figures are also judged against the reference's own sensitivity (the noise floor).
+TOLERANCE = {torch.float32: Tolerance(layer=1e-4, loss=1e-4, grads=1e-3),
+             torch.bfloat16: Tolerance(layer=3e-2, loss=1e-2, grads=5e-2)}
+
+
+@dataclass
+class CheckResult:
+    layer: dict[str, float]
+    model: "ModelComparison"
+    passed: bool = False
+
+    def format(self, tol: Tolerance) -> str:
+        worst_layer = max(self.layer.items(), key=lambda kv: kv[1])
+        m = self.model
+        return (f"check fast vs reference: layer-0 experts worst rel err {worst_layer[1]:.2e} ({worst_layer[0]}) "
+                f"[tol {tol.layer:g}]\n  whole model (same routing): loss rel {m.loss:.2e}, expert LoRA grads rel "
+                f"{m.grads:.2e} (worst tensor {m.worst[0]} {m.worst[1]:.2e}); reference vs itself with the input "
+                f"rounded differently: loss {m.floor_loss:.2e}, grads {m.floor_grads:.2e} [tol: loss "
+                f"{tol.loss:g}, grads {tol.grads:g}, or {tol.floor_factor:g}x that floor] -> "
+                f"{'PASS' if self.passed else 'FAIL'}")
+
+
+@dataclass
+class Row:
+    path: str
+    seq: int
+    tokens_per_s: float | None
+    step_s: float | None
+    peak_gib: float | None
+    loss: float | None
+    note: str = ""
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_model(tiny: bool, device: str, layers: int | None = None):
+    """Mixtral (full 8x7B widths, or the tiny config) made from random weights straight into 4-bit on `device`."""
+    from transformers import MixtralConfig
+
+    from finetune.moe.full_shape import MIXTRAL_8X7B, random_checkpoint
+    from finetune.moe.loader import load_mixtral_tensors
+    from finetune.moe.tiny import TINY_MIXTRAL
+
+    shape = dict(TINY_MIXTRAL) if tiny else dict(MIXTRAL_8X7B)
+    if layers:
+        shape["num_hidden_layers"] = layers
+    config = MixtralConfig(**shape)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, _ = load_mixtral_tensors(config, random_checkpoint(config, device), quant="nf4", double_quant=True,
+                                    compute_dtype=dtype, device=device)
+    return model
+
+
+class LoopExperts(nn.Module):
+    """The naive experts: one Linear4bit per expert projection (transformers-4 style), a Python loop.
+
+    Projections are named e_gate/e_up/e_down: peft 0.21 rewrites w1/w2/w3 for mixtral to the fused parameters.
+    """
+
+    def __init__(self, quantized) -> None:
+        super().__init__()
+        self.num_experts = quantized.num_experts
+        self.act_fn = quantized.act_fn
+        inter, dtype = quantized.intermediate_dim, quantized.compute_dtype
+        device = quantized.gate_up_proj.data.device
+        self.experts = nn.ModuleList()
+        for e in range(self.num_experts):
+            gate_up = quantized.gate_up_proj.dequantize_expert(e, dtype)
+            down = quantized.down_proj.dequantize_expert(e, dtype)
+            expert = nn.Module()
+            expert.e_gate = _linear4bit(gate_up[:inter], dtype, device)
+            expert.e_up = _linear4bit(gate_up[inter:], dtype, device)
+            expert.e_down = _linear4bit(down, dtype, device)
+            self.experts.append(expert)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            x = hidden_states[token]
+            y = expert.e_down(self.act_fn(expert.e_gate(x)) * expert.e_up(x)) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def _linear4bit(weight: torch.Tensor, dtype: torch.dtype, device) -> nn.Module:
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, compress_statistics=True,
+                              quant_type="nf4", device="meta")
+    param = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, blocksize=64, compress_statistics=True,
+                              quant_type="nf4", module=layer)
+    layer.weight = param._quantize(device)
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def to_naive(model) -> None:
+    """Replace every layer's QuantizedExperts by LoopExperts (same dequantized weights, re-quantized per expert)."""
+    for layer in model.model.layers:
+        layer.mlp.experts = LoopExperts(layer.mlp.experts)
+        gc.collect()
+
+
+def with_lora(model, naive: bool):
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.moe import build_lora_config
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    if naive:
+        config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "e_gate", "e_up", "e_down"])
+    else:
+        config = build_lora_config(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    peft_model.train()
+    return peft_model
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def check_layer(experts, tokens: int, seed: int = 0) -> dict[str, float]:
+    """One layer's QuantizedExperts with a random (non-zero) adapter: fast vs reference output and gradients."""
+    from finetune.moe.quantized_experts import ExpertLoraDelta, expert_forward
+
+    device, dtype = experts.gate_up_proj.data.device, experts.compute_dtype
+    gen = torch.Generator(device).manual_seed(seed)
+    e, h, i = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
+
+    def rand(*shape, std):
+        return (torch.randn(shape, generator=gen, device=device) * std).requires_grad_()
+
+    a = {"w1": rand(e, LORA_R, h, std=h**-0.5), "w3": rand(e, LORA_R, h, std=h**-0.5), "w2": rand(e, LORA_R, i, std=i**-0.5)}
+    b = {"w1": rand(e, i, LORA_R, std=0.02), "w3": rand(e, i, LORA_R, std=0.02), "w2": rand(e, h, LORA_R, std=0.02)}
+    delta = ExpertLoraDelta(a, b, LORA_ALPHA / LORA_R, nn.Identity())
+    x = torch.randn(tokens, h, generator=gen, device=device).to(dtype)
+    weights, index = torch.randn(tokens, e, generator=gen, device=device).softmax(-1).topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    probe = torch.randn(tokens, h, generator=gen, device=device)
+    out = {}
+    for kernel in ("reference", "grouped"):
+        xx = x.clone().requires_grad_()
+        y = expert_forward(xx, index, weights, experts, [delta], kernel=kernel)
+        grads = torch.autograd.grad((y.float() * probe).sum(), [xx, *a.values(), *b.values()])
+        out[kernel] = [y.detach(), *grads]
+    names = ["output", "input grad", *(f"A.{p} grad" for p in a), *(f"B.{p} grad" for p in b)]
+    return {n: _rel(f, r) for n, f, r in zip(names, out["grouped"], out["reference"])}
+
+
+class _ReplayRouting:
+    """Record each router's top-k experts in one run and impose them in the next (weights recomputed from that
+    run's own router logits, so gradients still flow): a near-tie token that rounding would send to another
+    expert in one of two runs makes the whole-model comparison measure that flip, not the kernel."""
+
+    def __init__(self, model) -> None:
+        self.routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+        self.recorded: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def record(self) -> None:
+        self._hook(self._keep)
+
+    def replay(self) -> None:
+        self._hook(self._impose)
+
+    def _keep(self, i: int, out):
+        self.recorded.setdefault(i, out[2].detach().clone())  # the recomputation routes the same way
+        return out
+
+    def _impose(self, i: int, out):
+        logits, index = out[0], self.recorded[i]
+        weights = torch.softmax(logits.float(), -1).gather(1, index)
+        return logits, weights / weights.sum(-1, keepdim=True), index
+
+    def _hook(self, fn) -> None:
+        self.remove()
+        self.handles = [r.register_forward_hook(lambda m, args, out, i=i: fn(i, out)) for i, r in enumerate(self.routers)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class _PerturbInput:
+    """Multiply the embeddings by (1 + eps * noise): one rounding step of the compute dtype, the size of the
+    kernels' own differences. How far that moves the reference is the noise floor the fast kernel is judged against."""
+
+    def __init__(self, model, seed: int) -> None:
+        self.embed = model.get_input_embeddings()
+        self.seed = seed
+        self.handle = None
+
+    def __enter__(self):
+        def hook(module, args, out):
+            gen = torch.Generator(out.device).manual_seed(self.seed)
+            noise = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32)
+            return (out.float() * (1 + noise * torch.finfo(out.dtype).eps)).to(out.dtype)
+
+        self.handle = self.embed.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class ModelComparison:
+    loss: float  # fast vs reference, |d loss| / loss
+    grads: float  # fast vs reference, all expert LoRA gradients together
+    worst: tuple[str, float]  # fast vs reference, the worst single tensor
+    floor_loss: float  # reference vs reference with perturbed input
+    floor_grads: float
+
+
+def _grads_rel(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    diff = sum((fast[n].float() - ref[n].float()).square().sum() for n in ref).sqrt()
+    return (diff / sum(g.float().square().sum() for g in ref.values()).sqrt()).item()
+
+
+def check_model(peft_model, seq: int, loss_fn: Callable, seed: int = 0) -> ModelComparison:
+    """Whole model, random non-zero LoRA B: loss and every expert LoRA gradient, fast kernel vs reference loop.
+
+    All runs follow the first run's routing (`_ReplayRouting`); a third run (reference, input perturbed by
+    one bf16 rounding step) measures how much rounding alone moves these figures in this model.
+    """
+    from finetune.moe.quantized_experts import set_expert_kernel
+
+    device = next(peft_model.parameters()).device
+    expert_lora = {n: p for n, p in peft_model.named_parameters() if ".experts.lora_" in n and p.requires_grad}
+    gen = torch.Generator(device).manual_seed(seed)
+    ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), generator=gen, device=device)
+    saved_b = {n: p.detach().clone() for n, p in expert_lora.items() if ".lora_B." in n}
+    with torch.no_grad():
+        for n in saved_b:
+            expert_lora[n].normal_(0, 0.02, generator=gen)
+    routing = _ReplayRouting(peft_model)
+    runs = {}
+
+    def run(name: str, kernel: str) -> None:
+        set_expert_kernel(peft_model, kernel)
+        peft_model.zero_grad(set_to_none=True)
+        loss = loss_fn(peft_model, ids)
+        loss.backward()
+        runs[name] = (loss.detach().float(), {n: p.grad.detach().clone() for n, p in expert_lora.items()})
+
+    try:
+        routing.record()
+        run("reference", "reference")
+        routing.replay()
+        run("grouped", "grouped")
+        with _PerturbInput(peft_model, seed):
+            run("perturbed", "reference")
+    finally:
+        routing.remove()
+        set_expert_kernel(peft_model, "auto")
+        peft_model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, value in saved_b.items():
+                expert_lora[n].copy_(value)
+    (loss_ref, g_ref), (loss_fast, g_fast), (loss_pert, g_pert) = runs["reference"], runs["grouped"], runs["perturbed"]
+    return ModelComparison(
+        loss=(abs(loss_fast - loss_ref) / abs(loss_ref)).item(),
+        grads=_grads_rel(g_fast, g_ref),
+        worst=max(((n, _rel(g_fast[n], g_ref[n])) for n in g_ref), key=lambda kv: kv[1]),
+        floor_loss=(abs(loss_pert - loss_ref) / abs(loss_ref)).item(),
+        floor_grads=_grads_rel(g_pert, g_ref),
+    )
+
+
+def check_fast_path(peft_model, seq: int, loss_fn: Callable, tol: Tolerance) -> CheckResult:
+    from finetune.moe.quantized_experts import QuantizedExperts
+
+    experts = next(m for m in peft_model.modules() if isinstance(m, QuantizedExperts))
+    result = CheckResult(layer=check_layer(experts, tokens=seq), model=check_model(peft_model, seq, loss_fn))
+    m = result.model
+    result.passed = (max(result.layer.values()) <= tol.layer
+                     and m.loss <= max(tol.loss, tol.floor_factor * m.floor_loss)
+                     and m.grads <= max(tol.grads, tol.floor_factor * m.floor_grads))
+    return result
+
+
+# ---------------------------------------------------------------- timing
+
+
+def fast_loss(model, ids):
+    from finetune.moe.loss import causal_lm_loss
+
+    return causal_lm_loss(model, ids, ids)
+
+
+def naive_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def make_optimizer(params, low_memory: bool):
+    if low_memory:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-5), "AdamW 8-bit"
+    return torch.optim.AdamW(params, lr=1e-5), "AdamW fp32"
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int, warmup: int) -> tuple[float, float | None, float]:
+    """(median step seconds, peak GiB or None on CPU, last loss) over `steps` after `warmup` steps."""
+    device = next(peft_model.parameters()).device
+    ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        started = time.perf_counter()
+        loss = loss_fn(peft_model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return statistics.median(times), peak, loss.item()
+
+
+def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup: int, note: str, log) -> list[Row]:
+    rows = []
+    for seq in seqs:
+        try:
+            step_s, peak, loss = time_steps(peft_model, loss_fn, optimizer, seq, steps, warmup)
+            rows.append(Row(label, seq, seq / step_s, step_s, peak, loss, note))
+        except torch.cuda.OutOfMemoryError as e:  # a path that does not fit is a result, not a crash
+            rows.append(Row(label, seq, None, None, None, None, f"out of memory: {str(e)[:80]}"))
+        log(format_row(rows[-1]))
+    return rows
+
+
+def profile(peft_model, optimizer, seq: int, log) -> None:
+    """Where a fast step's GPU time goes (top kernels), and one layer's expert kernel per dequantization chunking."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from finetune.moe.quantized_experts import QuantizedExperts, expert_forward
+
+    device = next(peft_model.parameters()).device
+    ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fast_loss(peft_model, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    layer = next(m for m in peft_model.modules() if hasattr(m, "deltas") and isinstance(m.get_base_layer(), QuantizedExperts))
+    experts = layer.get_base_layer()
+    chunks_before = getattr(experts, "dequant_chunks", None)
+    x = torch.randn(seq, experts.hidden_dim, device=device, dtype=experts.compute_dtype).requires_grad_()
+    weights, index = torch.randn(x.shape[0], experts.num_experts, device=device).softmax(-1).topk(2, dim=-1)
+    for chunks in (1, 2, 4, 8):
+        experts.dequant_chunks = chunks
+        for i in range(4):
+            if i == 1:
+                _sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                started = time.perf_counter()
+            y = expert_forward(x, index, weights, experts, layer.deltas(), kernel="grouped")
+            y.backward(torch.ones_like(y))
+        _sync(device)
+        log(f"one layer, {x.shape[0]} tokens, chunks={chunks}: fwd+bwd {(time.perf_counter() - started) / 3 * 1e3:.1f} ms, "
+            f"transient peak {(torch.cuda.max_memory_allocated(device) - base) / GIB:.2f} GiB")
+    experts.dequant_chunks = chunks_before
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_row(r: Row) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return (f"| {r.path} | {r.seq} | {num(r.tokens_per_s, ',.0f')} | {num(r.step_s, '.3f')} | {num(r.peak_gib, '.2f')} "
+            f"| {num(r.loss, '.4f')} | {r.note} |")
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| path | seq | tokens/s | step s | peak GiB | loss | notes |", "|---|---|---|---|---|---|---|"]
+    lines += [format_row(r) for r in rows]
+    for seq in sorted({r.seq for r in rows}):
+        fast = next((r for r in rows if r.path == "fast" and r.seq == seq and r.tokens_per_s), None)
+        naive = next((r for r in rows if r.path == "naive" and r.seq == seq and r.tokens_per_s), None)
+        if fast and naive:
+            lines.append(f"seq {seq}: fast / naive = {fast.tokens_per_s / naive.tokens_per_s:.2f}x")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(args, log=print) -> tuple[list[Row], CheckResult]:
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    tiny = args.tiny or device == "cpu"
+    seqs = args.seqs or ([2048, 4096] if device == "cuda" or not args.quick else [64, 128])
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = build_model(tiny, device, args.layers)
+    log(f"device {device}; {'tiny' if tiny else 'Mixtral-8x7B'} shape, {model.config.num_hidden_layers} layers, "
+        f"attention {model.config._attn_implementation}; built in 4-bit in {time.perf_counter() - started:.1f} s")
+    if device == "cuda":
+        log(f"weights resident: {torch.cuda.memory_allocated() / GIB:.2f} GiB")
+    from finetune.moe.quantized_experts import QuantizedExperts
+
+    for m in model.modules():
+        if isinstance(m, QuantizedExperts) and args.chunks:
+            m.dequant_chunks = args.chunks
+    peft_model = with_lora(model, naive=False)
+    tol = TOLERANCE[torch.bfloat16 if device == "cuda" else torch.float32]
+    check = check_fast_path(peft_model, args.check_seq, fast_loss, tol)
+    log(check.format(tol))
+    rows = []
+    if check.passed:
+        optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], device == "cuda")
+        rows += measure(peft_model, fast_loss, optimizer, "fast", seqs, args.steps, args.warmup,
+                        f"grouped 4-bit experts, chunked CE, {opt_name}", log)
+        if args.profile and device == "cuda":
+            profile(peft_model, optimizer, max(seqs), log)
+        del optimizer
+    else:
+        rows += [Row("fast", s, None, None, None, None, "NOT REPORTED: fast kernel failed the reference check") for s in seqs]
+        if args.profile and device == "cuda":  # kernel timings only (no tokens/s): to find out why
+            optimizer, _ = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], True)
+            profile(peft_model, optimizer, max(seqs), log)
+    del peft_model, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_naive:
+        model = build_model(tiny, device, args.layers)
+        to_naive(model)
+        peft_model = with_lora(model, naive=True)
+        optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], False)
+        rows += measure(peft_model, naive_loss, optimizer, "naive", seqs, args.naive_steps or args.steps, args.warmup,
+                        f"Linear4bit per expert, loop, HF loss, {opt_name}", log)
+    return rows, check
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiny", action="store_true", help="the tiny model (the default without a GPU)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    p.add_argument("--seqs", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="comma-separated sequence lengths (default 2048,4096)")
+    p.add_argument("--quick", action="store_true", help="on CPU: short sequences (64,128) for a fast smoke run")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the model has (a quicker look)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per sequence length (median reported)")
+    p.add_argument("--naive-steps", type=int, default=None, help="timed steps for the naive path (default --steps)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--check-seq", type=int, default=256, help="tokens for the fast-vs-reference check")
+    p.add_argument("--chunks", type=int, default=None, help="dequantization chunks per expert stack (default 4)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive path")
+    p.add_argument("--profile", action="store_true", help="GPU: top kernels of one fast step, and one layer per chunking")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return cmd_bench(args)
+
+
+def cmd_bench(args) -> int:
+    rows, check = run(args)
+    print(format_table(rows))
+    return 0 if check.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

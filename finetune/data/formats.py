@@ -1,0 +1,169 @@
+"""Row formats: what a row holds (chat messages, prompt/completion, instruction, preference) turned into messages.
+
+Pure functions of one row (a dict). Every problem raises `BadRow` with a reason that dropped rows are counted by;
+the conversation rules themselves (roles, turn order, empty messages) are checked by `chat.py` when tokenizing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+
+from finetune.data.chat import ROLES
+from finetune.recipe.schema import FORMAT_FIELDS
+
+# Why a row was not used, in the order reports list them.
+REASONS = {
+    "invalid_utf8": "not valid UTF-8",
+    "invalid_json": "not valid JSON",
+    "not_an_object": "not an object with named fields",
+    "missing_field": "a required field is missing",
+    "wrong_type": "a field has the wrong type",
+    "unexpected_field": "a message has fields besides role and content",
+    "unknown_role": "a message has an unknown role",
+    "wrong_turn_order": "turns are not system?, user, assistant, user, ... in order",
+    "empty_message": "a message is empty",
+    "identical_pair": "chosen and rejected are the same reply",
+    "no_trainable_tokens": "no token left to train on",
+    "too_long": "longer than max_seq_len",
+}
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def detect_format(keys: Iterable[str], columns: Mapping[str, str]) -> str | None:
+    """The row format that a source's column names show (after `columns` renames them), or None."""
+    present = set(keys)
+    fields = {field for field in _all_fields() if columns.get(field, field) in present}
+    if "messages" in fields:
+        return "messages"
+    if {"chosen", "rejected"} <= fields:
+        return "preference"
+    if {"instruction", "output"} <= fields:
+        return "instruction"
+    if {"prompt", "completion"} <= fields:
+        return "prompt_completion"
+    return None
+
+
+def sft_messages(row: Mapping, row_format: str, columns: Mapping[str, str]) -> list[dict]:
+    """A chat, prompt/completion or instruction row as the messages of one training conversation."""
+    if row_format == "messages":
+        return _message_list(_field(row, "messages", columns), _column("messages", columns))
+    if row_format == "prompt_completion":
+        prompt = _turns(row, "prompt", columns, "user")
+        completion = _turns(row, "completion", columns, "assistant")
+        return _with_system(row, columns, prompt) + completion
+    if row_format == "instruction":
+        instruction = _text(row, "instruction", columns)
+        extra = _field(row, "input", columns, required=False)
+        if extra is not None and not isinstance(extra, str):
+            raise BadRow("wrong_type", f"'{_column('input', columns)}' must be a string, got {type(extra).__name__}")
+        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output", columns)}]
+        return _with_system(row, columns, messages)
+    raise ValueError(f"not an SFT row format: {row_format!r}")
+
+
+def preference_messages(row: Mapping, columns: Mapping[str, str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """A preference row as trl's conversational form: the prompt messages, one chosen and one rejected reply."""
+    prompt = _turns(row, "prompt", columns, "user")
+    chosen = _reply(row, "chosen", columns, prompt)
+    rejected = _reply(row, "rejected", columns, prompt)
+    if chosen == rejected:
+        raise BadRow("identical_pair", "'chosen' and 'rejected' are the same reply: the pair teaches nothing")
+    return _with_system(row, columns, prompt), chosen, rejected
+
+
+def _all_fields() -> set[str]:
+    return {field for fields in FORMAT_FIELDS.values() for field in fields}
+
+
+def _column(field: str, columns: Mapping[str, str]) -> str:
+    return columns.get(field, field)
+
+
+def _field(row: Mapping, field: str, columns: Mapping[str, str], required: bool = True):
+    column = _column(field, columns)
+    value = row.get(column)
+    if value is None and required:
+        named = f"'{column}'" + (f" (the {field} field)" if column != field else "")
+        raise BadRow("missing_field", f"missing field {named}")
+    return value
+
+
+def _text(row: Mapping, field: str, columns: Mapping[str, str]) -> str:
+    value = _field(row, field, columns)
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"'{_column(field, columns)}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(row: Mapping, field: str, columns: Mapping[str, str], role: str) -> list[dict]:
+    """A text (one message with `role`) or a list of messages (also as JSON text, as CSV cells hold them)."""
+    value = _field(row, field, columns)
+    if isinstance(value, str):
+        decoded = _json_messages(value)
+        return decoded if decoded is not None else [{"role": role, "content": value}]
+    return _message_list(value, _column(field, columns))
+
+
+def _message_list(value, column: str) -> list[dict]:
+    if isinstance(value, str):
+        decoded = _json_messages(value)
+        if decoded is None:
+            raise BadRow("wrong_type", f"'{column}' must be a list of messages, got a string that is not one")
+        value = decoded
+    if not isinstance(value, list):
+        raise BadRow("wrong_type", f"'{column}' must be a list of messages, got {type(value).__name__}")
+    return value
+
+
+def _json_messages(text: str) -> list | None:
+    """A list of role/content messages written as JSON text, or None when the text is not one."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return value
+    return None
+
+
+def _with_system(row: Mapping, columns: Mapping[str, str], messages: list[dict]) -> list[dict]:
+    system = _field(row, "system", columns, required=False)
+    if system is None or system == "":
+        return messages
+    if not isinstance(system, str):
+        raise BadRow("wrong_type", f"'{_column('system', columns)}' must be a string, got {type(system).__name__}")
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        raise BadRow("wrong_turn_order", "the row has both a system column and a system message")
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _reply(row: Mapping, field: str, columns: Mapping[str, str], prompt: list[dict]) -> list[dict]:
+    """One assistant message; a whole conversation that repeats the prompt is cut down to its reply."""
+    messages = _turns(row, field, columns, "assistant")
+    column = _column(field, columns)
+    if messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt):]
+    if not messages:
+        raise BadRow("missing_field", f"'{column}' holds the prompt but no reply")
+    if len(messages) != 1:
+        raise BadRow("wrong_turn_order", f"'{column}' must be one assistant reply (or the prompt and one reply), "
+                                         f"it has {len(messages)} messages after the prompt")
+    if not isinstance(messages[0], dict):
+        raise BadRow("wrong_type", f"'{column}' must hold a message, got {type(messages[0]).__name__}")
+    role = messages[0].get("role")
+    if role != "assistant":
+        reason = "wrong_turn_order" if role in ROLES else "unknown_role"
+        raise BadRow(reason, f"'{column}' must be an assistant reply, got role {role!r}")
+    return [{"role": "assistant", "content": messages[0].get("content")}]

@@ -1,0 +1,286 @@
+"""`finetune report RUN`: a run's curves as PNG files and one HTML page that holds them all.
+
+Reads only what the run wrote: each stage's metrics.jsonl (the trainer's logs), routing.jsonl (router
+telemetry), routing_drift.json and manifest.json. Nothing is recomputed and no model is loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+from finetune.plots import STAGE_COLORS, drift_heatmap, load_heatmap, new_figure, save
+from finetune.telemetry import read_routing, stage_load
+
+STAGES = ("sft", "dpo")
+NOT_PLOTTED = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+               "train_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "num_tokens",
+               "eval_num_tokens"}
+
+
+@dataclass
+class Figure:
+    path: Path
+    title: str
+    caption: str
+
+
+@dataclass
+class StageLogs:
+    """One stage's logged values as series: {name: (steps, values)}; a step logged twice (a resumed run logs
+    again what followed its checkpoint) keeps its last value."""
+
+    name: str
+    train: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    eval: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    routing: list[dict] = field(default_factory=list)
+    drift: dict | None = None
+    final_eval: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, stage_dir: Path) -> StageLogs:
+        logs = cls(stage_dir.name)
+        train: dict[str, dict[int, float]] = {}
+        evals: dict[str, dict[int, float]] = {}
+        for record in _jsonl(stage_dir / "metrics.jsonl"):
+            for key, value in record.items():
+                if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                target = evals if key.startswith("eval_") else train
+                target.setdefault(key.removeprefix("eval_"), {})[record["step"]] = value
+        logs.train = {k: _series(v) for k, v in train.items()}
+        logs.eval = {k: _series(v) for k, v in evals.items()}
+        logs.routing = read_routing(stage_dir)
+        if (stage_dir / "routing_drift.json").is_file():
+            logs.drift = json.loads((stage_dir / "routing_drift.json").read_text(encoding="utf-8"))
+        if (stage_dir / "manifest.json").is_file():
+            logs.final_eval = json.loads((stage_dir / "manifest.json").read_text(encoding="utf-8")).get("final_eval", {})
+        return logs
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(points: dict[int, float]) -> tuple[list[int], list[float]]:
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """Draw every figure the run's logs allow into out_dir (default RUN/report); returns the HTML page."""
+    run_dir = Path(run_dir)
+    stages = [StageLogs.read(run_dir / s) for s in STAGES if (run_dir / s / "metrics.jsonl").is_file()]
+    if not stages:
+        raise FinetuneError(f"{run_dir}: no stage logs (sft/metrics.jsonl, dpo/metrics.jsonl): not a run folder, "
+                            "or no stage has logged yet")
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = [f for f in (
+        per_stage_figure(stages, "loss", "Loss", out_dir / "loss.png", "training loss (lines) and evaluation loss "
+                         "(dots) of each stage; DPO's loss is the preference loss, log 2 = 0.69 at the start"),
+        per_stage_figure(stages, "learning_rate", "Learning rate", out_dir / "learning_rate.png",
+                         "the scheduled learning rate"),
+        per_stage_figure(stages, "grad_norm", "Gradient norm", out_dir / "grad_norm.png",
+                         "norm of the gradient before clipping"),
+        dpo_rewards_figure(stages, out_dir / "dpo_rewards.png"),
+        eval_figure(stages, out_dir / "eval.png"),
+        router_figure(stages, out_dir / "router.png"),
+    ) if f is not None]
+    for stage in stages:
+        figures += expert_load_figures(stage, out_dir)
+    page = out_dir / "index.html"
+    page.write_text(render_html(run_dir, stages, figures), encoding="utf-8")
+    return page
+
+
+def _plot_series(ax, series: tuple[list[int], list[float]], label: str, color=None, eval_points=False) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps, values = series
+    if eval_points:
+        ax.plot(steps, values, "o--", color=color, label=label, markersize=4)
+    else:
+        ax.plot(steps, values, "-", color=color, label=label, linewidth=1.4)
+
+
+def per_stage_figure(stages: list[StageLogs], key: str, title: str, path: Path, caption: str) -> Figure | None:
+    """One panel per stage: the training series, and the evaluation series when there is one."""
+    shown = [s for s in stages if key in s.train or key in s.eval]
+    if not shown:
+        return None
+    figure, axes = new_figure(4.6 * len(shown), 3.2, 1, len(shown))
+    for ax, stage in zip(axes[0], shown):
+        color = STAGE_COLORS.get(stage.name)
+        if key in stage.train:
+            _plot_series(ax, stage.train[key], "train", color)
+        if key in stage.eval:
+            _plot_series(ax, stage.eval[key], "eval", "black", eval_points=True)
+        ax.set_title(f"{stage.name}: {title.lower()}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return Figure(save(figure, path), title, caption)
+
+
+def dpo_rewards_figure(stages: list[StageLogs], path: Path) -> Figure | None:
+    dpo = next((s for s in stages if "rewards/margins" in s.train), None)
+    if dpo is None:
+        return None
+    figure, axes = new_figure(9.2, 3.4, 1, 2)
+    rewards, accuracy = axes[0]
+    for key, color in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red"),
+                       ("rewards/margins", "tab:purple")):
+        if key in dpo.train:
+            _plot_series(rewards, dpo.train[key], key.split("/")[1], color)
+        if key in dpo.eval:
+            _plot_series(rewards, dpo.eval[key], f"eval {key.split('/')[1]}", color, eval_points=True)
+    rewards.axhline(0, color="grey", linewidth=0.8)
+    rewards.set_title("dpo: implicit rewards (beta x log-ratio to the reference)", fontsize=10)
+    for source, style in ((dpo.train, False), (dpo.eval, True)):
+        if "rewards/accuracies" in source:
+            _plot_series(accuracy, source["rewards/accuracies"], "eval" if style else "train",
+                         "black" if style else "tab:purple", eval_points=style)
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_title("dpo: share of pairs where chosen out-rewards rejected", fontsize=10)
+    for ax in (rewards, accuracy):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return Figure(save(figure, path), "DPO rewards and margins",
+                  "rewards of the chosen and rejected replies, their margin, and the reward accuracy")
+
+
+def eval_figure(stages: list[StageLogs], path: Path) -> Figure | None:
+    panels = [(s, key) for s in stages for key in s.eval if not key.startswith(("logits/", "logps/"))]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    figure, axes = new_figure(3.4 * cols, 2.6 * rows, rows, cols)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (stage, key) in zip(axes.flat, panels):
+        _plot_series(ax, stage.eval[key], key, STAGE_COLORS.get(stage.name), eval_points=True)
+        ax.set_title(f"{stage.name}: eval {key}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return Figure(save(figure, path), "Evaluation metrics", "every metric the held-out evaluation logged, by stage")
+
+
+def router_figure(stages: list[StageLogs], path: Path) -> Figure | None:
+    shown = [s for s in stages if s.routing]
+    if not shown:
+        return None
+    figure, axes = new_figure(4.6 * len(shown), 6.0, 2, len(shown))
+    for col, stage in enumerate(shown):
+        steps = [r["step"] for r in stage.routing]
+        entropy, aux = np.array([r["entropy"] for r in stage.routing]), np.array([r["aux_loss"] for r in stage.routing])
+        colors = _layer_colors(entropy.shape[1])
+        for layer in range(entropy.shape[1]):
+            _plot_series(axes[0, col], (steps, entropy[:, layer]), f"layer {layer}", colors[layer])
+            _plot_series(axes[1, col], (steps, aux[:, layer]), f"layer {layer}", colors[layer])
+        experts = len(stage.routing[0]["load"][0])
+        axes[0, col].axhline(np.log(experts), color="grey", linestyle=":", linewidth=1)
+        axes[0, col].set_title(f"{stage.name}: router entropy per layer (dotted: uniform, ln {experts})", fontsize=9)
+        axes[1, col].axhline(stage.routing[0]["top_k"], color="grey", linestyle=":", linewidth=1)
+        axes[1, col].set_title(f"{stage.name}: load-balancing loss per layer (dotted: balanced)", fontsize=9)
+        for ax in axes[:, col]:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if entropy.shape[1] <= 8:
+                ax.legend(fontsize=7)
+    return Figure(save(figure, path), "Router entropy and load-balancing loss",
+                  "per layer, over each stage's training tokens, every router_stats_steps steps; no token is ever "
+                  "dropped (Mixtral has no expert capacity limit)")
+
+
+def _layer_colors(layers: int):
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](np.linspace(0, 0.9, layers))
+
+
+def expert_load_figures(stage: StageLogs, out_dir: Path) -> list[Figure]:
+    figures = []
+    if stage.routing:
+        figures.append(expert_load_over_time(stage, out_dir / f"expert_load_{stage.name}.png"))
+        load = stage_load(stage.routing)
+        png = load_heatmap(load, f"{stage.name}: expert load over the stage", out_dir / f"routing_load_{stage.name}.png")
+        figures.append(Figure(png, f"{stage.name}: expert load heatmap",
+                              "layers x experts, share of each layer's routed training tokens"))
+    if stage.drift:
+        delta = np.array(stage.drift["load_finetuned"]) - np.array(stage.drift["load_base"])
+        png = drift_heatmap(delta, np.array(stage.drift["topk_agreement"]),
+                            f"{stage.name}: routing drift from the base model ({stage.drift['tokens']} held-out tokens)",
+                            out_dir / f"routing_drift_{stage.name}.png")
+        figures.append(Figure(png, f"{stage.name}: routing drift from the base model",
+                              "how the fine-tune changed which experts fire on held-out text, adapters on vs off"))
+    return figures
+
+
+def expert_load_over_time(stage: StageLogs, path: Path) -> Figure:
+    steps = [r["step"] for r in stage.routing]
+    load = np.array([r["load"] for r in stage.routing])  # windows x layers x experts
+    layers, experts = load.shape[1], load.shape[2]
+    cols = min(4, layers)
+    rows = -(-layers // cols)
+    figure, axes = new_figure(max(8.0, 3.3 * cols), 2.4 * rows + 0.8, rows, cols, sharex=True, sharey=True)
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10" if experts <= 10 else "tab20"](np.arange(experts))
+    for ax in axes.flat[layers:]:
+        ax.set_visible(False)
+    for layer, ax in enumerate(axes.flat[:layers]):
+        for expert in range(experts):
+            _plot_series(ax, (steps, load[:, layer, expert] * 100), f"expert {expert}", colors[expert])
+        ax.axhline(100 / experts, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(experts, 8), fontsize=7)
+    figure.suptitle(f"{stage.name}: % of routed tokens per expert over training (dotted: uniform)", fontsize=10)
+    return Figure(save(figure, path), f"{stage.name}: expert load over time",
+                  "each layer's share of routed training tokens per expert, every router_stats_steps steps")
+
+
+def render_html(run_dir: Path, stages: list[StageLogs], figures: list[Figure]) -> str:
+    """One self-contained page: the images are embedded, so the file can be sent or opened anywhere."""
+    rows = []
+    for stage in stages:
+        for key, value in sorted(stage.final_eval.items()):
+            if isinstance(value, int | float) and not key.endswith(("runtime", "per_second")):
+                rows.append(f"<tr><td>{stage.name}</td><td>{html.escape(key)}</td><td>{value:.4g}</td></tr>")
+        if stage.drift:
+            agree, tv = np.mean(stage.drift["topk_agreement"]), np.mean(stage.drift["load_tv"])
+            rows.append(f"<tr><td>{stage.name}</td><td>routing: top-k choices unchanged from the base</td>"
+                        f"<td>{agree:.1%}</td></tr><tr><td>{stage.name}</td><td>routing: expert load moved "
+                        f"(total variation)</td><td>{tv:.3f}</td></tr>")
+    table = ("<table><tr><th>stage</th><th>final value</th><th></th></tr>" + "".join(rows) + "</table>") if rows else ""
+    sections = []
+    for figure in figures:
+        data = base64.b64encode(figure.path.read_bytes()).decode("ascii")
+        sections.append(f'<section><h2>{html.escape(figure.title)}</h2><p>{html.escape(figure.caption)} '
+                        f'(<a href="{figure.path.name}">{figure.path.name}</a>)</p>'
+                        f'<img src="data:image/png;base64,{data}" alt="{html.escape(figure.title)}"></section>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>finetune report: {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+img{{max-width:100%;border:1px solid #ddd}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}</style></head>
+<body><h1>finetune report: {html.escape(str(run_dir))}</h1>
+{table}
+{''.join(sections)}
+</body></html>
+"""

@@ -1,0 +1,145 @@
+"""Local JSON Lines, JSON, Parquet and CSV files give the same examples; splits slice them; rows keep their numbers."""
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from finetune.data.chat import tokenize_conversation
+from finetune.data.prepare import prepare_dpo, prepare_sft
+from finetune.data.sources import DataError
+from finetune.tokenizer import mixtral_tokenizer_file
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+     {"role": "assistant", "content": "Rome."}],
+    [{"role": "user", "content": "Say \"hi\", then a newline,\nthen bye."},
+     {"role": "assistant", "content": "hi\nbye"}],
+    [{"role": "user", "content": "日本語で?"}, {"role": "assistant", "content": "はい、日本語です。"}],
+]
+
+
+def write_rows(path, rows: list[dict]) -> str:
+    """The same rows as the file type that `path` names; CSV cells hold lists as JSON text."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return str(path)
+
+
+def reference_ids(messages: list[dict]) -> list[int]:
+    """mistral-common's own encoding of the conversation."""
+    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in messages])
+    reference = MistralTokenizer.from_file(mixtral_tokenizer_file(), mode=ValidationMode.finetuning)
+    return reference.encode_chat_completion(request).tokens
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_every_file_type_gives_the_mistral_common_tokens(tmp_path, make_recipe, tokenizer, suffix):
+    path = write_rows(tmp_path / f"chat{suffix}", [{"messages": m} for m in CONVERSATIONS])
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer)
+    got = sorted(prepared.train["input_ids"])
+    assert got == sorted(reference_ids(m) for m in CONVERSATIONS)
+    for row in prepared.train:
+        expected = next(tokenize_conversation(m, tokenizer) for m in CONVERSATIONS
+                        if reference_ids(m) == row["input_ids"])
+        assert row["completion_mask"] == expected["completion_mask"]
+    assert prepared.stats["sources"][0]["format"] == "messages" and prepared.stats["sources"][0]["detected"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_instruction_and_prompt_completion_rows_in_every_file_type(tmp_path, make_recipe, tokenizer, suffix):
+    instruction = write_rows(tmp_path / f"instruction{suffix}", [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    ])
+    completion = write_rows(tmp_path / f"completion{suffix}", [
+        {"prompt": "Say hello.", "completion": "Hello!", "system": "Be kind."},
+    ])
+    recipe = make_recipe(sft={"sources": [{"path": instruction}, {"path": completion}]})
+    prepared = prepare_sft(recipe, tokenizer)
+    assert sorted(prepared.train["input_ids"]) == sorted([
+        reference_ids([{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                       {"role": "assistant", "content": "5"}]),
+        reference_ids([{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]),
+        reference_ids([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hello."},
+                       {"role": "assistant", "content": "Hello!"}]),
+    ])
+    assert [s["format"] for s in prepared.stats["sources"]] == ["instruction", "prompt_completion"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_preference_rows_in_every_file_type(tmp_path, make_recipe, tokenizer, suffix):
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": f"a{i}"}],
+             "rejected": [{"role": "assistant", "content": f"b{i}"}]} for i in range(3)]
+    path = write_rows(tmp_path / f"pref{suffix}", rows)
+    prepared = prepare_dpo(make_recipe(dpo={"sources": [{"path": path}]}), tokenizer)
+    assert sorted(prepared.train.to_list(), key=lambda r: r["prompt"][0]["content"]) == rows
+
+
+@pytest.mark.parametrize(("split", "expected"), [
+    ("train", list(range(10))), ("train[:3]", [0, 1, 2]), ("train[7:]", [7, 8, 9]), ("train[:20%]", [0, 1]),
+    ("train[50%:70%]", [5, 6]), ("train[-2:]", [8, 9]),
+])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_split_slices_a_local_file(tmp_path, make_recipe, tokenizer, chat, split, expected, suffix):
+    path = write_rows(tmp_path / f"chat{suffix}", [chat(i) for i in range(10)])
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": path, "split": split}]}), tokenizer)
+    texts = [tokenizer.decode(ids) for ids in prepared.train["input_ids"]]
+    assert sorted(int(t.split("answer ")[1].split(".")[0]) for t in texts) == expected
+
+
+def test_row_numbers_are_file_lines_for_jsonl_and_csv_and_positions_otherwise(tmp_path, make_recipe, tokenizer):
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}
+    good = {"messages": CONVERSATIONS[0]}
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("\n".join([json.dumps(good), "", json.dumps(bad)]) + "\n")  # the blank line is not a row
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text('messages\n"' + json.dumps(good["messages"]).replace('"', '""').replace("4", "4\nfour")
+                        + '"\n"' + json.dumps(bad["messages"]).replace('"', '""') + '"\n')
+    for path, where in ((jsonl, f"{jsonl}:3:"), (csv_path, f"{csv_path}:4:"),
+                        (write_rows(tmp_path / "a.json", [good, bad]), "a.json row 2:"),
+                        (write_rows(tmp_path / "a.parquet", [good, bad]), "a.parquet row 2:")):
+        with pytest.raises(DataError, match="unknown_role") as info:
+            prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}), tokenizer)
+        assert where in str(info.value), str(info.value)
+
+
+def test_json_file_must_hold_a_list(tmp_path, make_recipe, tokenizer):
+    path = tmp_path / "rows.json"
+    path.write_text('{"messages": []}')
+    with pytest.raises(DataError, match="must hold a list of rows"):
+        prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}), tokenizer)
+    path.write_text('[{"messages": []}')
+    with pytest.raises(DataError, match=r"rows.json:1: not valid JSON"):
+        prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}), tokenizer)
+
+
+def test_undetectable_or_mismatched_format_is_named(tmp_path, make_recipe, tokenizer, write_jsonl, chat, preference):
+    odd = write_jsonl("odd.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}])
+    with pytest.raises(DataError, match=r"odd.jsonl: cannot tell the row format from its fields \['conversations'\]"):
+        prepare_sft(make_recipe(sft={"sources": [{"path": odd}]}), tokenizer)
+    chats = write_jsonl("chats.jsonl", [chat(0)])
+    with pytest.raises(DataError, match="a dpo stage reads preference rows"):
+        prepare_dpo(make_recipe(dpo={"sources": [{"path": chats}]}), tokenizer)
+    prefs = write_jsonl("prefs.jsonl", [preference(0)])
+    with pytest.raises(DataError, match="an? sft stage reads chat or instruction rows"):
+        prepare_sft(make_recipe(sft={"sources": [{"path": prefs}]}), tokenizer)

@@ -1,0 +1,178 @@
+"""Runs that survive crashes: real `finetune run` child processes, killed with real signals.
+
+A short SFT -> DPO recipe (gradient accumulation 2, a checkpoint every 2 steps) runs once uninterrupted;
+every interrupted-then-resumed run must end with the same adapters, to 1e-6 (in practice bit for bit).
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = textwrap.dedent(f"""\
+    seed: 7
+    output_dir: unset
+    model: {{name_or_path: tiny-mixtral, compute_dtype: float32, device: cpu}}
+    lora: {{r: 8, alpha: 16, dropout: 0.1}}
+    data:
+      max_seq_len: 256
+      sft: {{sources: [{{path: {REPO}/data/quickstart/sft.jsonl}}]}}
+      dpo: {{sources: [{{path: {REPO}/data/quickstart/preference.jsonl}}]}}
+    stages:
+      - {{type: sft, learning_rate: 1.0e-2, max_steps: 8, batch_size: 4, grad_accum: 2, save_steps: 2,
+          save_total_limit: 2, logging_steps: 1, gradient_checkpointing: false}}
+      - {{type: dpo, learning_rate: 1.0e-3, max_steps: 6, batch_size: 4, grad_accum: 2, save_steps: 2,
+          save_total_limit: 2, logging_steps: 1, gradient_checkpointing: false}}
+    export: {{merge: false}}
+    """)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "crash.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def command(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "finetune.cli", "run", str(recipe), f"output_dir={out}", *extra]
+
+
+def run(recipe: Path, out: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command(recipe, out, *extra), capture_output=True, text=True, cwd=REPO, timeout=600,
+                          **kwargs)
+
+
+def run_until(recipe: Path, out: Path, marker: str, sig: int) -> tuple[int, list[str]]:
+    """Start a run that prints its micro-steps, send `sig` when a line contains `marker`, wait for the exit."""
+    env = {**os.environ, "FINETUNE_TRACE_STEPS": "1", "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(command(recipe, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=REPO, env=env)
+    seen = []
+    for line in child.stdout:
+        seen.append(line.rstrip())
+        if marker in line:
+            child.send_signal(sig)
+            break
+    seen += child.stdout.read().splitlines()
+    return child.wait(timeout=600), seen
+
+
+def adapters(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {s: load_file(out / s / "adapter" / "adapter_model.safetensors") for s in ("sft", "dpo")}
+
+
+def assert_same_adapters(out: Path, reference: Path) -> None:
+    for stage, tensors in adapters(reference).items():
+        resumed = adapters(out)[stage]
+        assert resumed.keys() == tensors.keys()
+        worst = max((resumed[k] - tensors[k]).abs().max().item() for k in tensors)
+        assert worst <= 1e-6, f"{stage}: resumed adapter differs by {worst}"
+
+
+@pytest.fixture(scope="module")
+def reference(recipe, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = run(recipe, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_sigkill_mid_accumulation_in_sft_then_resume_is_exact(recipe, reference, tmp_path):
+    code, lines = run_until(recipe, tmp_path, "[trace] sft micro-step inside step 5", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert lines[-1].endswith("[trace] sft micro-step inside step 5")  # killed between the halves of step 5
+    assert not (tmp_path / "sft" / "adapter").exists()
+
+    done = run(recipe, tmp_path, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"continuing from {tmp_path}/sft/checkpoints/checkpoint-4" in done.stdout
+    assert_same_adapters(tmp_path, reference)
+
+
+def test_sigkill_in_dpo_keeps_sft_and_ignores_a_torn_checkpoint(recipe, reference, tmp_path):
+    code, _ = run_until(recipe, tmp_path, "[trace] dpo micro-step inside step 5", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    checkpoints = tmp_path / "dpo" / "checkpoints"
+    # a checkpoint torn by a kill during its write: weights written, trainer state cut short
+    torn = checkpoints / "checkpoint-6"
+    shutil.copytree(checkpoints / "checkpoint-4", torn)
+    state = (torn / "trainer_state.json").read_text()
+    (torn / "trainer_state.json").write_text(state[: len(state) // 2])
+
+    done = run(recipe, tmp_path, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stage sft: already finished" in done.stdout
+    assert f"ignoring the incomplete checkpoint {torn}" in done.stdout
+    assert f"continuing from {checkpoints}/checkpoint-4" in done.stdout
+    assert_same_adapters(tmp_path, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_before_anything_else(recipe, reference, tmp_path):
+    code, lines = run_until(recipe, tmp_path, "[trace] sft micro-step inside step 3", signal.SIGTERM)
+    assert code == 143, "\n".join(lines[-20:])
+    assert any("stopped by SIGTERM at step 3" in line for line in lines), lines[-5:]
+    state = json.loads((tmp_path / "sft" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert not (tmp_path / "sft" / "adapter").exists() and not (tmp_path / "dpo").exists()
+    assert not (tmp_path / "export").exists() and not (tmp_path / "run.json").exists()
+
+    done = run(recipe, tmp_path, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # resuming from an off-schedule checkpoint (step 3) must still reproduce the uninterrupted run
+    assert_same_adapters(tmp_path, reference)
+
+
+def test_nan_stops_before_the_optimizer_step_and_keeps_the_last_checkpoint(recipe, tmp_path):
+    done = run(recipe, tmp_path, "stages.0.learning_rate=1.0e30", "stages.0.save_steps=1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    message = done.stderr.split("error: ", 1)[1].splitlines()[0]  # the progress bar may precede it on its line
+    assert "the loss or gradients are NaN/inf" in message and "stopped before the optimizer step" in message
+    step = int(message.split("step ")[1].split(":")[0])
+    last = tmp_path / "sft" / "checkpoints" / f"checkpoint-{step - 1}"
+    assert f"Last checkpoint: {last}" in message
+    weights = load_file(last / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_unwritable_output_dir_is_named(recipe, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = run(recipe, blocker / "run")
+    assert done.returncode == 2
+    assert f"error: cannot write {blocker / 'run'}: Not a directory" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_full_disk_is_named_and_not_a_traceback(recipe, tmp_path):
+    def small_disk():  # the kernel refuses writes past 1 MiB, as a full disk would
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    done = run(recipe, tmp_path / "run", preexec_fn=small_disk)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    message = done.stderr.split("error: ", 1)[1]
+    assert message.startswith(f"cannot write under {tmp_path / 'run'}: ") and "File too large" in message, message
+
+
+def test_an_existing_run_needs_resume_or_overwrite_and_the_same_recipe(recipe, reference):
+    again = run(recipe, reference)
+    assert again.returncode == 2 and "already holds a run: pass --resume" in again.stderr
+    changed = run(recipe, reference, "--resume", "stages.1.beta=0.5", "seed=8")  # overrides after an option
+    assert changed.returncode == 2
+    assert "the recipe differs from the one this run started with (seed, stages.1.beta)" in changed.stderr
+    finished = run(recipe, reference, "--resume")
+    assert finished.returncode == 0
+    assert "stage sft: already finished" in finished.stdout and "stage dpo: already finished" in finished.stdout
