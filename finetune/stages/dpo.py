@@ -36,8 +36,8 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
         model = models.attach_new_adapter(base, recipe.lora)
     print(models.trainable_summary(model))
 
-    args = DPOConfig(**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
-                     beta=stage.beta, loss_type=[stage.loss_type])
+    args = DPOConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
+                        "beta": stage.beta, "loss_type": [stage.loss_type], **prepared.trainer_kwargs})
     with models.fp32_adapter_weights(model):
         trainer = DPOTrainer(
             model=model,

@@ -27,8 +27,9 @@ def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenize
     model = models.attach_new_adapter(base, recipe.lora)
     print(models.trainable_summary(model))
 
-    args = SFTConfig(**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
-                     completion_only_loss=True)
+    # the data's settings (padding-free packing) override the stage's, e.g. max_length
+    args = SFTConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
+                        "completion_only_loss": True, **prepared.trainer_kwargs})
     with models.fp32_adapter_weights(model):
         trainer = SFTTrainer(
             model=model,
