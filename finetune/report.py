@@ -260,7 +260,7 @@ def render_html(run_dir: Path, stages: list[StageLogs], figures: list[Figure]) -
     rows = []
     for stage in stages:
         for key, value in sorted(stage.final_eval.items()):
-            if isinstance(value, int | float) and not key.endswith(("runtime", "per_second")):
+            if isinstance(value, int | float) and key not in NOT_PLOTTED:
                 rows.append(f"<tr><td>{stage.name}</td><td>{html.escape(key)}</td><td>{value:.4g}</td></tr>")
         if stage.drift:
             agree, tv = np.mean(stage.drift["topk_agreement"]), np.mean(stage.drift["load_tv"])

@@ -37,7 +37,7 @@ def wandb_mode(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
         return "disabled", "WANDB_DISABLED is set"
     if has_wandb_credentials(environ):
         return "online", "W&B credentials found"
-    return "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`)"
+    return "offline", "no W&B credentials: set WANDB_API_KEY or run `wandb login`"
 
 
 def has_wandb_credentials(environ: Mapping[str, str]) -> bool:
@@ -110,7 +110,7 @@ class StageDashboards:
                     # wandb-core writes the run file every 15 s by default, and a killed process loses what it had
                     # not written; once a second keeps that to about a second of logs
                     settings=wandb.Settings(x_transaction_log_flush_interval=1.0))
-        print(f"[tracking] wandb {mode} ({why}): run {init['id']} in group {init['group']}")
+        print(f"[tracking] wandb {mode} ({why}); run {init['id']}, group {init['group']}")
         try:
             self.wandb_run = wandb.init(mode=mode, **init)
         except Exception as e:  # credentials but no network, or a rejected key: keep the run, log offline
