@@ -203,3 +203,27 @@ def train(trainer, stage_dir: Path, resume: bool, stop: StopSignal) -> None:
 def stage_finished(stage_dir: Path) -> bool:
     path = stage_dir / "manifest.json"
     return path.is_file() and read_manifest(stage_dir).get("complete") is True
+
+
+def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Path, base_path: Path,
+                      resume: bool, stop: StopSignal, build, **manifest_fields: Any) -> Path:
+    """What every stage does around its trainer: dashboards open, build (given the callbacks), train or resume,
+    final eval, save the adapter, routing telemetry, the manifest. Returns the adapter folder."""
+    from finetune import model as models
+    from finetune.telemetry import finish_stage
+    from finetune.tracking import StageDashboards
+
+    with StageDashboards.open(recipe, kind, stage_dir) as dashboards:
+        trainer, data = build(stage_callbacks(recipe, stage, stage_dir, dashboards))
+        train(trainer, stage_dir, resume, stop)
+        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+
+        adapter_dir = stage_dir / "adapter"
+        models.save_adapter(trainer.model, adapter_dir)
+        trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
+        routing = finish_stage(trainer, kind, stage_dir, dashboards, recipe.tracking.drift_examples,
+                               recipe.data.max_seq_len)
+        write_manifest(stage_dir, stage=kind, base_model=str(base_path), adapter=str(adapter_dir), **manifest_fields,
+                       lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
+                       examples=data, final_eval=final_eval, routing=routing)
+    return adapter_dir

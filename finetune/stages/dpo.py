@@ -12,8 +12,7 @@ from pathlib import Path
 from finetune import model as models
 from finetune.data.prepare import prepare_dpo
 from finetune.recipe.schema import DPOStage, Recipe
-from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, stage_callbacks, train, trainer_kwargs,
-                                    write_manifest)
+from finetune.stages.common import MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_kwargs
 
 
 def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
@@ -54,22 +53,8 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
 def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
             sft_adapter: Path | None, resume: bool, stop: StopSignal) -> Path:
     """Train on preference pairs; returns the adapter folder."""
-    from finetune.telemetry import finish_stage
-    from finetune.tracking import StageDashboards
-
-    with StageDashboards.open(recipe, "dpo", stage_dir) as dashboards:
-        trainer, data = build_dpo_trainer(recipe, stage, base_path, tokenizer, stage_dir, sft_adapter, stop,
-                                          stage_callbacks(recipe, stage, stage_dir, dashboards))
-        train(trainer, stage_dir, resume, stop)
-        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-
-        adapter_dir = stage_dir / "adapter"
-        models.save_adapter(trainer.model, adapter_dir)
-        trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
-        routing = finish_stage(trainer, "dpo", stage_dir, dashboards, recipe.tracking.drift_examples,
-                               recipe.data.max_seq_len)
-        write_manifest(stage_dir, stage="dpo", base_model=str(base_path), adapter=str(adapter_dir),
-                       reference_policy=str(sft_adapter) if sft_adapter else "base model",
-                       lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
-                       examples=data, final_eval=final_eval, routing=routing)
-    return adapter_dir
+    return run_stage_trainer(
+        recipe, "dpo", stage, stage_dir, base_path, resume, stop,
+        lambda callbacks: build_dpo_trainer(recipe, stage, base_path, tokenizer, stage_dir, sft_adapter, stop,
+                                            callbacks),
+        reference_policy=str(sft_adapter) if sft_adapter else "base model")

@@ -7,8 +7,7 @@ from pathlib import Path
 from finetune import model as models
 from finetune.data.prepare import prepare_sft
 from finetune.recipe.schema import Recipe, SFTStage
-from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, stage_callbacks, train, trainer_kwargs,
-                                    write_manifest)
+from finetune.stages.common import MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_kwargs
 
 
 def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
@@ -46,21 +45,6 @@ def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenize
 def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
             resume: bool, stop: StopSignal) -> Path:
     """Train a new adapter on the SFT data; returns the adapter folder."""
-    from finetune.telemetry import finish_stage
-    from finetune.tracking import StageDashboards
-
-    with StageDashboards.open(recipe, "sft", stage_dir) as dashboards:
-        trainer, data = build_sft_trainer(recipe, stage, base_path, tokenizer, stage_dir, stop,
-                                          stage_callbacks(recipe, stage, stage_dir, dashboards))
-        train(trainer, stage_dir, resume, stop)
-        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-
-        adapter_dir = stage_dir / "adapter"
-        models.save_adapter(trainer.model, adapter_dir)
-        trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
-        routing = finish_stage(trainer, "sft", stage_dir, dashboards, recipe.tracking.drift_examples,
-                               recipe.data.max_seq_len)
-        write_manifest(stage_dir, stage="sft", base_model=str(base_path), adapter=str(adapter_dir),
-                       lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
-                       examples=data, final_eval=final_eval, routing=routing)
-    return adapter_dir
+    return run_stage_trainer(
+        recipe, "sft", stage, stage_dir, base_path, resume, stop,
+        lambda callbacks: build_sft_trainer(recipe, stage, base_path, tokenizer, stage_dir, stop, callbacks))
