@@ -99,16 +99,24 @@ class MergeReport:
 
 
 def base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base checkpoint's tensors one at a time, in the original layout (fused experts are split)."""
+    """The base checkpoint's tensors one at a time, in the original layout (fused experts are split), with a
+    progress bar over the checkpoint's tensors: reading, merging and writing happen at the pace of this stream."""
     from safetensors import safe_open
+    from tqdm import tqdm
 
     index = base / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
         "model.safetensors"]
-    for shard in shards:
+    keys = {}
+    for shard in shards:  # the headers alone, for the bar's total
         with safe_open(str(base / shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield from _original_layout(key, f.get_tensor(key))
+            keys[shard] = list(f.keys())
+    with tqdm(total=sum(map(len, keys.values())), desc="[export] merging", unit="tensor") as progress:
+        for shard in shards:
+            with safe_open(str(base / shard), framework="pt", device="cpu") as f:
+                for key in keys[shard]:
+                    yield from _original_layout(key, f.get_tensor(key))
+                    progress.update()
 
 
 def _original_layout(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -317,8 +325,8 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
                   bytes_written=report.bytes_written, tensors=report.tensors)
     (staging / "verification.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _replace(staging, out_dir)
-    print(f"[export] verified: max |logit difference| {record['max_abs_logit_difference']:.3g} "
-          f"(tolerance {tolerance}); merge held at most {report.peak_bytes_held / 2**20:.1f} MiB of tensors")
+    print(f"[export] verified: max |logit difference| {record['max_abs_logit_difference']:.3g} (tolerance "
+          f"{record['tolerance']:.3g}); merge held at most {report.peak_bytes_held / 2**20:.1f} MiB of tensors")
     return record
 
 

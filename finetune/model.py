@@ -13,11 +13,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_device(spec: ModelSpec) -> str:
-    if spec.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.device == "cuda" and not torch.cuda.is_available():
+    """Where this process puts its model: the CPU, or its own GPU (cuda:LOCAL_RANK) when a launcher started several."""
+    from finetune.distributed import local_rank
+
+    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
         raise RuntimeError("model.device is 'cuda' but torch sees no CUDA device; set model.device: cpu or auto")
-    return spec.device
+    return f"cuda:{local_rank()}"
 
 
 def prepare_base(spec: ModelSpec, run_dir: Path, seed: int) -> Path:

@@ -28,17 +28,27 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     from finetune.secrets import refuse_secrets
 
     refuse_secrets(recipe.model_dump(mode="json"), "recipe")  # before anything is written or imported
+    from finetune import distributed
+    from finetune.model import resolve_device
     from finetune.stages.common import StopSignal
 
+    for index, stage in enumerate(recipe.stages):  # a batch that cannot be split fails before anything loads
+        distributed.accumulation_per_process(index, stage.batch_size, stage.grad_accum, distributed.world_size())
+    distributed.start(resolve_device(recipe.model))
     run_dir = recipe.run_dir
     with StopSignal() as stop, disk_errors(run_dir):
-        prepare_run_dir(recipe, resume, overwrite)
+        check_run_dir(recipe, resume, overwrite)
+        distributed.barrier()  # every process has read the folder before the main process changes it
+        if distributed.is_main():
+            prepare_run_dir(recipe, overwrite)
+        distributed.barrier()
         return run_stages(recipe, resume, stop)
 
 
 def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
     from transformers import set_seed
 
+    from finetune import distributed
     from finetune.model import prepare_base
     from finetune.stages.common import stage_finished
     from finetune.tracking import dashboard_lines
@@ -46,9 +56,11 @@ def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
     started = time.perf_counter()
     run_dir = recipe.run_dir
     set_seed(recipe.seed)
-    base_path = prepare_base(recipe.model, run_dir, recipe.seed)
+    with distributed.main_first():
+        base_path = prepare_base(recipe.model, run_dir, recipe.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    if distributed.is_main():
+        tokenizer.save_pretrained(run_dir / "tokenizer")
     record = {"recipe": str((run_dir / "recipe.yaml").resolve()), "base_model": str(base_path.resolve()),
               "tokenizer": str((run_dir / "tokenizer").resolve()), "stages": {}}
 
@@ -64,6 +76,8 @@ def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
             adapter = run_stage(recipe, stage, base_path, tokenizer, stage_dir, adapter, resume, stop)
         record["stages"][stage.type] = str(stage_dir.resolve())
     record["final_adapter"] = str(adapter.resolve())
+    if not distributed.is_main():
+        return record  # the export and the run record are the main process's
 
     write_record(run_dir, record)
 
@@ -83,24 +97,31 @@ def write_record(run_dir: Path, record: dict) -> None:
     tmp.replace(run_dir / "run.json")
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Create the run folder and save the resolved recipe; refuse to mix two different runs in one folder."""
+def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two different runs in one folder (read-only, so every process can check it)."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.yaml"
+    if not saved.is_file() or overwrite:
+        return
+    if not resume:
+        raise FinetuneError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+                            "start it over, or choose another output_dir")
     text = dump_recipe(recipe)
-    if saved.is_file() and not overwrite:
-        if not resume:
-            raise FinetuneError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to "
-                                "start it over, or choose another output_dir")
-        if saved.read_text(encoding="utf-8") != text:
-            changed = _changed_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(text))
-            raise FinetuneError(f"{saved}: the recipe differs from the one this run started with "
-                                f"({', '.join(changed)}); resume needs the same recipe")
+    if saved.read_text(encoding="utf-8") != text:
+        changed = _changed_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(text))
+        raise FinetuneError(f"{saved}: the recipe differs from the one this run started with "
+                            f"({', '.join(changed)}); resume needs the same recipe")
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool) -> None:
+    """Create the run folder (emptied first with --overwrite) and save the resolved recipe."""
+    run_dir = recipe.run_dir
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "recipe.yaml"
     tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(dump_recipe(recipe), encoding="utf-8")
     tmp.replace(saved)
 
 
@@ -142,7 +163,7 @@ def load_tokenizer(name: str):
 
 def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None,
               resume: bool, stop) -> Path:
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)  # every process: each writes its RNG state into checkpoints
     print(f"\n=== stage {stage.type} -> {stage_dir}")
     if stage.type == "sft":
         from finetune.stages.sft import run_sft

@@ -28,7 +28,7 @@ def save(figure, path: Path) -> Path:
 
 def _grid_labels(ax, layers: int, experts: int, row_labels: Sequence[str] | None = None) -> None:
     ax.set_xticks(range(experts), [str(e) for e in range(experts)])
-    step = max(1, layers // 16)
+    step = -(-layers // 32)  # every layer of a 32-layer Mixtral: each drift row carries its own top-k agreement
     ax.set_yticks(range(0, layers, step), row_labels[::step] if row_labels else [str(i) for i in range(0, layers, step)])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -39,7 +39,10 @@ def _annotate(ax, values: np.ndarray, fmt: str, dark) -> None:
     if values.size > 256:  # unreadable on a 32-layer model; the colour says enough
         return
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color="white" if dark(v) else "black")
+        text = format(v, fmt)
+        if float(text) == 0:  # not "-0.0" for a change that rounds to nothing
+            text = format(0.0, fmt)
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark(v) else "black")
 
 
 def _heatmap_size(layers: int, experts: int, extra_width: float = 0.0) -> tuple[float, float]:

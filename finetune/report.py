@@ -105,7 +105,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
 def _plot_series(ax, series: tuple[list[int], list[float]], label: str, color=None, eval_points=False) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: a lone point is not at 2.84
     steps, values = series
     if eval_points:
         ax.plot(steps, values, "o--", color=color, label=label, markersize=4)
@@ -248,6 +248,8 @@ def expert_load_over_time(stage: StageLogs, path: Path) -> Figure:
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
+        if layer >= layers - cols:  # the lowest panel of each column
+            ax.set_xlabel("step", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=min(experts, 8), fontsize=7)
     figure.suptitle(f"{stage.name}: % of routed tokens per expert over training (dotted: uniform)", fontsize=10)

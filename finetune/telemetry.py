@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from finetune import distributed
 from finetune.plots import drift_heatmap, load_heatmap
 
 ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
@@ -100,7 +101,10 @@ class RouterCounts:
         self.sums["tokens"][layer] += count
 
     def read(self) -> dict | None:
-        """The window's statistics (one host sync), then start a new window; None when nothing was routed."""
+        """The window's statistics over every process (one host sync), then start a new window; None when nothing
+        was routed."""
+        if self.sums is not None:
+            distributed.sum_across_processes(list(self.sums.values()))
         if self.sums is None or float(self.sums["tokens"].min()) == 0:
             return None
         s = {k: v.cpu().double().numpy() for k, v in self.sums.items()}
@@ -144,7 +148,8 @@ class RouterTelemetry(TrainerCallback):
         self.counts = RouterCounts(model)
         if not self.counts.routers:
             print("[telemetry] no Mixtral router (layers.N.mlp.gate) found: no router statistics")
-        _keep_records_up_to(self.path, state.global_step)  # a resumed stage logs again what followed its checkpoint
+        if distributed.is_main():
+            _keep_records_up_to(self.path, state.global_step)  # a resumed stage logs again what followed its checkpoint
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
@@ -156,15 +161,11 @@ class RouterTelemetry(TrainerCallback):
 
     def _write(self, step: int) -> None:
         record = self.counts.read() if self.counts.routers else None
-        if record is None or not is_main_process():
+        if record is None or not distributed.is_main():
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         self.dashboards.log(step, window_scalars(record))
-
-
-def is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:

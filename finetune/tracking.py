@@ -1,10 +1,12 @@
-"""Dashboards: each stage's trainer logs and router telemetry, sent to W&B and/or TensorBoard.
+"""Dashboards: each stage's trainer logs and router telemetry, sent to W&B, TensorBoard, mlflow and/or trackio.
 
-One run folder is one dashboard run per stage: SFT and DPO are two W&B runs in one group, with ids kept in
-<output_dir>/tracking.json so that `--resume` continues the same W&B runs and appends to the same TensorBoard
+One run folder is one dashboard run per stage, the stages of a run grouped together: SFT and DPO are two W&B
+runs in one group, two trackio runs in one group, two mlflow runs under one parent run. Their ids are kept in
+<output_dir>/tracking.json so that `--resume` continues the same runs and appends to the same TensorBoard
 folders. Without W&B credentials, W&B runs offline into <output_dir>/wandb and prints the command that uploads
-it later. The config sent to a dashboard is the resolved recipe, with secrets masked (there should be none: a
-recipe that holds one is refused before the run starts, see finetune.secrets).
+it later; without MLFLOW_TRACKING_URI, mlflow logs to a local store in the run folder. The config sent to a
+dashboard is the resolved recipe, with secrets masked (there should be none: a recipe that holds one is refused
+before the run starts, see finetune.secrets).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +24,7 @@ from uuid import uuid4
 
 from transformers import TrainerCallback
 
+from finetune import distributed
 from finetune.recipe import Recipe
 from finetune.secrets import redact
 
@@ -77,9 +81,12 @@ class StageDashboards:
 
     def __init__(self, recipe: Recipe, stage: str, stage_dir: Path):
         self.recipe, self.stage, self.stage_dir = recipe, stage, stage_dir
-        self.backends = [r for r in recipe.tracking.report_to if r != "none"]
+        # one dashboard run per stage, however many processes train it: the main process logs
+        self.backends = [r for r in recipe.tracking.report_to if r != "none"] if distributed.is_main() else []
         self.config = redact({"stage": stage, **recipe.model_dump(mode="json")})
         self.wandb_run = None
+        self.mlflow_run: MlflowRun | None = None
+        self.trackio_run = None
         self._tensorboard = None
         self.resumed_at = 0  # the global step a resumed stage continues from; TensorBoard drops later events
 
@@ -87,10 +94,14 @@ class StageDashboards:
     @contextmanager
     def open(cls, recipe: Recipe, stage: str, stage_dir: Path):
         dashboards = cls(recipe, stage, stage_dir)
-        if "wandb" in dashboards.backends:
-            dashboards._start_wandb()
         failed = True
         try:
+            if "wandb" in dashboards.backends:
+                dashboards._start_wandb()
+            if "mlflow" in dashboards.backends:
+                dashboards.mlflow_run = MlflowRun.start(recipe, stage, dashboards.config)
+            if "trackio" in dashboards.backends:
+                dashboards._start_trackio()
             yield dashboards
             failed = False
         finally:
@@ -123,6 +134,22 @@ class StageDashboards:
         ids["wandb"][self.stage] = {"id": init["id"], "mode": mode, "dir": str(Path(self.wandb_run.dir).parent)}
         _write_state(run_dir, ids)
 
+    def _start_trackio(self) -> None:
+        import trackio
+        from trackio.utils import TRACKIO_DIR
+
+        run_dir = self.recipe.run_dir
+        ids = dashboard_ids(run_dir)
+        group = f"{run_name(self.recipe)}-{ids['id']}"
+        # trackio knows a run by its name, so the name carries the run folder's id: resume="allow" then continues
+        # this run folder's stage, never another run's that happens to share the run_name
+        name = f"{group}-{self.stage}"
+        print(f"[tracking] trackio: project '{self.recipe.tracking.project}', run {name}, group {group}")
+        self.trackio_run = trackio.init(project=self.recipe.tracking.project, name=name, group=group,
+                                        config=self.config, resume="allow", embed=False)
+        ids.setdefault("trackio", {})[self.stage] = {"name": name, "id": self.trackio_run.id, "dir": str(TRACKIO_DIR)}
+        _write_state(run_dir, ids)
+
     def tensorboard(self):
         if "tensorboard" not in self.backends:
             return None
@@ -141,6 +168,10 @@ class StageDashboards:
         if (writer := self.tensorboard()) is not None:
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, step)
+        if self.mlflow_run is not None:
+            self.mlflow_run.log(step, scalars)
+        if self.trackio_run is not None:
+            self.trackio_run.log(scalars, step=step)
 
     def log_image(self, step: int, tag: str, png: Path, caption: str = "") -> None:
         if self.wandb_run is not None:
@@ -151,6 +182,12 @@ class StageDashboards:
             from finetune.plots import png_rgb
 
             writer.add_image(tag, png_rgb(png), step, dataformats="HWC")
+        if self.mlflow_run is not None:
+            self.mlflow_run.log_image(tag, png)
+        if self.trackio_run is not None:
+            import trackio
+
+            self.trackio_run.log({tag: trackio.Image(str(png), caption=caption)}, step=step)
 
     def summarize(self, values: dict[str, Any]) -> None:
         """Final values of the stage (routing drift), shown in the W&B run's summary table."""
@@ -166,6 +203,12 @@ class StageDashboards:
             self._tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
+        if self.mlflow_run is not None:
+            self.mlflow_run.close(failed)
+        if self.trackio_run is not None:
+            import trackio
+
+            trackio.finish()  # the module's finish also forgets the run, so trackio's exit hook leaves it alone
 
     def callback(self) -> TrainerCallback:
         return DashboardLog(self)
@@ -188,6 +231,109 @@ class DashboardLog(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         # what a resume will not log again must be on disk before a kill: everything up to the checkpoint
         self.dashboards.flush()
+
+
+class MlflowRun:
+    """A stage's mlflow run: a child of the run folder's parent run, in the experiment named tracking.project.
+
+    Logged through an MlflowClient (no global active run): metrics against the global step, the resolved recipe
+    as flattened params and as recipe.yaml, the heatmaps as PNG artifacts. Without MLFLOW_TRACKING_URI the store
+    is an SQLite file in the run folder (mlflow's file store refuses to start unless told to), artifacts beside it.
+    """
+
+    def __init__(self, client, run_id: str, parent_id: str):
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
+
+    @classmethod
+    def start(cls, recipe: Recipe, stage: str, config: dict) -> MlflowRun:
+        from mlflow import MlflowClient
+
+        run_dir = recipe.run_dir
+        uri, local = mlflow_tracking_uri(run_dir)
+        ids = dashboard_ids(run_dir)
+        state = ids.get("mlflow", {})
+        if state.get("tracking_uri") != without_credentials(uri):  # a first run, or a resume that logs elsewhere
+            state = {"tracking_uri": without_credentials(uri), "runs": {}}
+        client = MlflowClient(tracking_uri=uri)
+        tags = {"group": f"{run_name(recipe)}-{ids['id']}", **{tag: "" for tag in recipe.tracking.tags}}
+        if recipe.tracking.notes:
+            tags["mlflow.note.content"] = recipe.tracking.notes  # shown as the run's description
+        if "parent" not in state:
+            experiment = _mlflow_experiment(client, recipe.tracking.project, run_dir / "mlartifacts" if local else None)
+            state["parent"] = client.create_run(experiment, run_name=run_name(recipe), tags=tags).info.run_id
+        if stage not in state["runs"]:
+            experiment = client.get_run(state["parent"]).info.experiment_id
+            run = client.create_run(experiment, run_name=f"{run_name(recipe)}-{stage}",
+                                    tags={**tags, "stage": stage, "mlflow.parentRunId": state["parent"]})
+            state["runs"][stage] = run.info.run_id
+        for run_id in (state["parent"], state["runs"][stage]):
+            client.update_run(run_id, status="RUNNING")  # a resumed stage continues its run
+        ids["mlflow"] = state
+        _write_state(run_dir, ids)
+        print(f"[tracking] mlflow {'local store' if local else 'MLFLOW_TRACKING_URI'} {state['tracking_uri']}: "
+              f"experiment '{recipe.tracking.project}', run {state['runs'][stage]} (parent {state['parent']})")
+        mlflow_run = cls(client, state["runs"][stage], state["parent"])
+        mlflow_run.log_config(config, dump_recipe_redacted(recipe))
+        return mlflow_run
+
+    def log_config(self, config: dict, recipe_yaml: str) -> None:
+        from mlflow.entities import Param
+
+        # mlflow keeps at most 6000 characters of a value; recipe.yaml holds the whole recipe
+        params = [Param(key, value[:6000]) for key, value in flat_params(config).items()]
+        for start in range(0, len(params), 100):  # mlflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+        self.client.log_text(self.run_id, recipe_yaml, "recipe.yaml")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in scalars.items()]
+        for start in range(0, len(metrics), 1000):  # and at most 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def log_image(self, tag: str, png: Path) -> None:
+        from PIL import Image
+
+        with Image.open(png) as image:
+            self.client.log_image(self.run_id, image, artifact_file=f"{tag}.png")
+
+    def close(self, failed: bool) -> None:
+        for run_id in (self.run_id, self.parent_id):
+            self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def mlflow_tracking_uri(run_dir: Path, environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """MLFLOW_TRACKING_URI when set, otherwise an SQLite store in the run folder; and whether it is that local one."""
+    environ = os.environ if environ is None else environ
+    if environ.get("MLFLOW_TRACKING_URI"):
+        return environ["MLFLOW_TRACKING_URI"], False
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}", True
+
+
+def without_credentials(uri: str) -> str:
+    """A tracking URI as printed and kept in tracking.json: without a user:password@ part."""
+    parts = urlparse(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _mlflow_experiment(client, name: str, artifacts: Path | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifacts.resolve().as_uri() if artifacts else None)
+
+
+def flat_params(config: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config as mlflow params: dotted keys (list items by index), values as text."""
+    if isinstance(config, Mapping) and config:
+        return {k: v for key, value in config.items() for k, v in flat_params(value, f"{prefix}{key}.").items()}
+    if isinstance(config, list) and config and any(isinstance(item, Mapping) for item in config):
+        return {k: v for i, value in enumerate(config) for k, v in flat_params(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): config if isinstance(config, str) else json.dumps(config)}
 
 
 def dashboard_scalars(logs: dict[str, Any]) -> dict[str, float]:
@@ -222,5 +368,14 @@ def dashboard_lines(recipe: Recipe) -> list[str]:
                      f"'{run_name(recipe)}-{state['id']}'")
     if "tensorboard" in recipe.tracking.report_to:
         lines.append(f"tensorboard      : `tensorboard --logdir {run_dir / 'tensorboard'}`")
+    uri = state.get("mlflow", {}).get("tracking_uri")
+    if uri and uri.startswith("sqlite:"):
+        lines.append(f"mlflow (local)   : `mlflow ui --backend-store-uri {uri}` (the UI comes with `pip install "
+                     f"mlflow`), experiment '{recipe.tracking.project}'")
+    elif uri:
+        lines.append(f"mlflow           : experiment '{recipe.tracking.project}' at {uri}")
+    if state.get("trackio"):
+        store = next(iter(state["trackio"].values()))["dir"]
+        lines.append(f"trackio          : `trackio show --project \"{recipe.tracking.project}\"` (store: {store})")
     lines.append(f"plots            : `finetune report {run_dir}`")
     return lines

@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,12 @@ from finetune.export import ExportError, RunFiles, _prompts, export_adapter, exp
 from finetune.recipe.schema import LoraSpec, ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = textwrap.dedent(f"""\
-    seed: 5
-    output_dir: unset
-    model: {{name_or_path: tiny-mixtral, compute_dtype: float32, device: cpu}}
-    lora: {{r: 8, alpha: 16, dropout: 0.0}}
-    data:
-      max_seq_len: 256
-      sft: {{sources: [{{path: {REPO}/data/quickstart/sft.jsonl}}]}}
-    stages:
-      - {{type: sft, learning_rate: 1.0e-2, max_steps: 8, batch_size: 8, save_steps: 100,
-          gradient_checkpointing: false}}
-    export: {{merge: false}}
-    """)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunFiles:
+def run(tmp_path_factory, tiny_recipe) -> RunFiles:
     folder = tmp_path_factory.mktemp("run")
-    recipe = folder / "recipe-in.yaml"
-    recipe.write_text(RECIPE)
+    recipe = tiny_recipe(folder / "recipe-in.yaml", seed=5, sft={"max_steps": 8, "batch_size": 8})
     done = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(recipe), f"output_dir={folder}"],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -142,6 +127,10 @@ def test_export_and_chat_from_the_command_line(run, tmp_path):
                            "--dtype", "float32"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"exported to {out}" in done.stdout
+    # progress bars with rate and ETA on stderr: the streaming merge over the base's tensors, and transformers'
+    # own over the weights of each reload (base+adapter for the reference, the export for the verification)
+    assert "[export] merging: 100%" in done.stderr and "tensor/s]" in done.stderr
+    assert done.stderr.count("Loading weights: 100%") >= 2 and "[export] merging:" not in done.stdout
     chat = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(out), "--max-new-tokens", "8"],
                           input="What is the capital of Peru?\n/reset\nCount from 2 to 5.\n/exit\n",
                           capture_output=True, text=True, cwd=REPO, timeout=600)

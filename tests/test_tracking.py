@@ -1,8 +1,10 @@
-"""Dashboards end to end: real `finetune run` child processes with real wandb (offline) and TensorBoard.
+"""Dashboards end to end: real `finetune run` child processes with real wandb (offline), TensorBoard, and mlflow
+and trackio when installed (the dev extra installs them), each in its local store.
 
 One short SFT -> DPO -> export run is killed with SIGKILL in SFT and resumed, with sentinel secrets in the
-environment. The checks read back wandb's own run files and TensorBoard's event files, follow the resume, and
-search every file the run wrote (binary ones too) for the sentinels.
+environment. The checks read back wandb's own run files, TensorBoard's event files, mlflow's store through its
+client and trackio's through its own storage API, follow the resume, and search every file the run wrote (binary
+ones too) for the sentinels.
 """
 
 import json
@@ -12,39 +14,30 @@ import struct
 import subprocess
 import sys
 import textwrap
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
 from finetune.recipe import load_recipe
 from finetune.secrets import find_secrets, redact
-from finetune.tracking import has_wandb_credentials, wandb_mode
+from finetune.tracking import has_wandb_credentials, mlflow_tracking_uri, wandb_mode, without_credentials
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = textwrap.dedent(f"""\
-    seed: 5
-    output_dir: unset
-    model: {{name_or_path: tiny-mixtral, compute_dtype: float32, device: cpu}}
-    lora: {{r: 8, alpha: 16, dropout: 0.0}}
-    data:
-      max_seq_len: 256
-      sft: {{sources: [{{path: {REPO}/data/quickstart/sft.jsonl}}], eval_fraction: 0.05}}
-      dpo: {{sources: [{{path: {REPO}/data/quickstart/preference.jsonl}}], eval_fraction: 0.05}}
-    stages:
-      - {{type: sft, learning_rate: 1.0e-2, max_steps: 6, batch_size: 2, grad_accum: 2, logging_steps: 1,
-          save_steps: 2, eval_steps: 3, gradient_checkpointing: true}}
-      - {{type: dpo, learning_rate: 1.0e-3, max_steps: 3, batch_size: 4, logging_steps: 1, save_steps: 100,
-          eval_steps: 3, gradient_checkpointing: false}}
-    export: {{merge: true, dtype: float32}}
-    tracking:
-      report_to: [wandb, tensorboard]
-      project: finetune-tests
-      run_name: sentinel-run
-      tags: [tiny, ci]
-      notes: a short run that is killed and resumed
-      router_stats_steps: 1
-      drift_examples: 4
-    """)
+HAS_MLFLOW = all(find_spec(module) is not None for module in ("mlflow", "sqlalchemy", "alembic"))
+HAS_TRACKIO = find_spec("trackio") is not None
+DASHBOARDS = ["wandb", "tensorboard"] + (["mlflow"] if HAS_MLFLOW else []) + (["trackio"] if HAS_TRACKIO else [])
+needs_mlflow = pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow is not installed (pip install -e '.[mlflow]')")
+needs_trackio = pytest.mark.skipif(not HAS_TRACKIO, reason="trackio is not installed (pip install -e '.[trackio]')")
+TRACKED = dict(  # tiny_recipe settings: a short SFT -> DPO run with held-out data, an export, every dashboard
+    seed=5, data={"sft": {"eval_fraction": 0.05}, "dpo": {"eval_fraction": 0.05}},
+    sft={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "save_steps": 2, "eval_steps": 3,
+         "gradient_checkpointing": True},
+    dpo={"max_steps": 3, "batch_size": 4, "eval_steps": 3},
+    export={"merge": True, "dtype": "float32"},
+    tracking={"report_to": DASHBOARDS, "project": "finetune-tests", "run_name": "sentinel-run", "tags": ["tiny", "ci"],
+              "notes": "a short run that is killed and resumed", "router_stats_steps": 1, "drift_examples": 4},
+)
 # values no file may ever contain; named like the variables the libraries read
 SENTINELS = {
     "HF_TOKEN": "hf_SENTINELhfTOKEN0123456789abcdefXYZ",
@@ -57,8 +50,10 @@ WANDB_SENTINEL = "cafe" * 10  # shaped like a real W&B key: 40 hex digits
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, "HOME": str(home), "PYTHONUNBUFFERED": "1", **SENTINELS, **extra}
+    """Each dashboard in its local default store under the run folder or HOME; no network (trackio would ask the
+    hub whose HF_TOKEN this is)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_", "TRACKIO_", "HF_"))}
+    return {**env, "HOME": str(home), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **SENTINELS, **extra}
 
 
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:
@@ -66,11 +61,10 @@ def command(recipe: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
+def run(tmp_path_factory, tiny_recipe) -> dict:
     """The run folder and the console output of both processes: killed in SFT, then resumed to the end."""
     tmp = tmp_path_factory.mktemp("tracking")
-    recipe, out, home = tmp / "recipe.yaml", tmp / "run", tmp / "home"
-    recipe.write_text(RECIPE)
+    recipe, out, home = tiny_recipe(tmp / "recipe.yaml", **TRACKED), tmp / "run", tmp / "home"
     home.mkdir()
     # first process: no W&B credentials at all, so wandb must choose offline by itself
     child = subprocess.Popen(command(recipe, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -150,7 +144,7 @@ def test_wandb_recorded_metrics_config_and_heatmaps_offline(run):
         config = recorded["config"]
         assert config["stage"] == stage and config["lora"]["r"] == 8 and config["seed"] == 5
         assert [s["type"] for s in config["stages"]] == ["sft", "dpo"]
-        assert config["tracking"]["report_to"] == ["wandb", "tensorboard"]
+        assert config["tracking"]["report_to"] == DASHBOARDS
 
         rows = recorded["history"]
         logged = {key for row in rows for key in row}
@@ -212,6 +206,101 @@ def test_tensorboard_event_files_hold_the_scalars_and_images(run):
     assert "train/rewards/margins" in dpo and "eval/rewards/accuracies" in dpo
 
 
+def mlflow_runs(run_dir: Path) -> tuple[object, dict]:
+    """mlflow's client on the run's store, and the runs of the experiment by name."""
+    from mlflow import MlflowClient
+
+    state = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
+    assert state["tracking_uri"] == f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"  # the local store, by default
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    experiment = client.get_experiment_by_name("finetune-tests")
+    found = client.search_runs([experiment.experiment_id])
+    assert sorted((r.info.run_name, r.info.run_id) for r in found) == [
+        ("sentinel-run", state["parent"]), ("sentinel-run-dpo", state["runs"]["dpo"]),
+        ("sentinel-run-sft", state["runs"]["sft"])], "one parent and one run per stage, the resume included"
+    return client, {r.info.run_name: r for r in found}
+
+
+@needs_mlflow
+def test_mlflow_recorded_metrics_params_and_heatmaps_under_one_parent(run):
+    client, runs = mlflow_runs(run["dir"])
+    assert f"`mlflow ui --backend-store-uri sqlite:///{(run['dir'] / 'mlflow.db').resolve()}`" in run["resumed"]
+    parent = runs["sentinel-run"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.note.content"] == "a short run that is killed and resumed"
+    for stage, steps in (("sft", range(3, 7)), ("dpo", range(1, 4))):
+        recorded = runs[f"sentinel-run-{stage}"]
+        assert recorded.info.status == "FINISHED"
+        tags = recorded.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["stage"] == stage
+        assert {"tiny", "ci"} <= tags.keys() and tags["group"] == parent.data.tags["group"]
+        params = recorded.data.params  # the resolved recipe, flattened
+        assert params["stage"] == stage and params["lora.r"] == "8" and params["seed"] == "5"
+        assert params["stages.1.type"] == "dpo" and json.loads(params["tracking.report_to"]) == DASHBOARDS
+        for key in ("train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "router/aux_loss",
+                    "router/entropy", "router/layer_0/expert_7", "router/layer_1/aux_loss",
+                    "router/drift/topk_agreement", "router/drift/layer_1/load_tv"):
+            assert key in recorded.data.metrics, (stage, key)
+        logged = {m.step for m in client.get_metric_history(recorded.info.run_id, "train/loss")}
+        assert set(steps) <= logged <= set(range(1, 7)), logged
+        artifacts = Path(client.download_artifacts(recorded.info.run_id, ""))
+        for image in ("router/expert_load.png", "router/drift.png"):
+            assert (artifacts / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+        assert "lora:\n  r: 8" in (artifacts / "recipe.yaml").read_text()
+    assert "train/rewards/margins" in runs["sentinel-run-dpo"].data.metrics
+
+
+@needs_mlflow
+def test_resume_continues_the_same_mlflow_run(run):
+    client, runs = mlflow_runs(run["dir"])
+    # mlflow writes each log call before returning: the killed process's steps 1 and 2 and the resumed
+    # process's 3 to 6 are in the one SFT run (step 3, logged by both, appears twice)
+    steps = [m.step for m in client.get_metric_history(runs["sentinel-run-sft"].info.run_id, "train/loss")]
+    assert {1, 2, 3, 4, 5, 6} == set(steps), steps
+
+
+def read_trackio(home: Path, project: str) -> dict:
+    """Every run of a trackio project, read with trackio's own storage API in the HOME the run used."""
+    script = textwrap.dedent(f"""\
+        import json
+        from trackio import Api
+        from trackio.sqlite_storage import SQLiteStorage
+        runs = {{r.name: {{"id": r.id, "config": r.config, "logs": SQLiteStorage.get_logs({project!r}, r.name)}}
+                for r in Api().runs({project!r})}}
+        print(json.dumps(runs, default=str))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=clean_env(home))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@needs_trackio
+def test_trackio_recorded_metrics_config_and_heatmaps_in_one_group(run):
+    ids = json.loads((run["dir"] / "tracking.json").read_text())
+    runs = read_trackio(run["home"], "finetune-tests")
+    assert '`trackio show --project "finetune-tests"`' in run["resumed"]
+    group = f"sentinel-run-{ids['id']}"
+    assert set(runs) == {f"{group}-sft", f"{group}-dpo"}, "one run per stage, the resume included"
+    for stage, steps in (("sft", range(3, 7)), ("dpo", range(1, 4))):
+        recorded = runs[f"{group}-{stage}"]
+        assert recorded["id"] == ids["trackio"][stage]["id"]
+        config = recorded["config"]
+        assert config["_Group"] == group and config["stage"] == stage and config["lora"]["r"] == 8
+        assert config["tracking"]["report_to"] == DASHBOARDS
+        logs = recorded["logs"]
+        logged = {key for row in logs for key in row}
+        for key in ("train/loss", "eval/loss", "router/aux_loss", "router/layer_0/expert_7", "router/drift/load_tv"):
+            assert key in logged, (stage, key)
+        assert set(steps) <= {row["step"] for row in logs if "train/loss" in row} <= set(range(1, 7))
+        store = Path(ids["trackio"][stage]["dir"])
+        assert store == run["home"] / ".cache" / "huggingface" / "trackio"  # trackio's default store
+        for image in ("router/expert_load", "router/drift"):
+            media = next(row[image] for row in logs if image in row)
+            assert media["_type"] == "trackio.image"
+            assert (store / "media" / media["file_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_no_secret_leaves_the_environment(run):
     """Logs, saved recipe, training arguments, checkpoints, model card, wandb and TensorBoard files, the report,
     the caches under HOME: no file the run wrote holds a sentinel (binary files included), nor the console."""
@@ -221,6 +310,10 @@ def test_no_secret_leaves_the_environment(run):
     files = [p for folder in (run["dir"], run["home"]) for p in folder.rglob("*") if p.is_file()]
     assert any(p.name == "training_args.bin" for p in files) and (run["dir"] / "export" / "README.md").is_file()
     assert any(p.suffix == ".wandb" for p in files) and any("tfevents" in p.name for p in files)
+    if HAS_MLFLOW:  # mlflow's SQLite store and its artifacts
+        assert run["dir"] / "mlflow.db" in files and any("mlartifacts" in p.parts for p in files)
+    if HAS_TRACKIO:  # trackio's project database and media, under HOME
+        assert any(p.name == "finetune-tests.db" for p in files) and any("media" in p.parts for p in files)
     for value in [*SENTINELS.values(), WANDB_SENTINEL]:
         needle = value.encode()
         leaked = [str(p) for p in files if needle in p.read_bytes()]
@@ -228,9 +321,8 @@ def test_no_secret_leaves_the_environment(run):
         assert value not in run["first"] and value not in run["resumed"]
 
 
-def test_a_recipe_holding_a_secret_is_refused_before_anything_is_written(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
+def test_a_recipe_holding_a_secret_is_refused_before_anything_is_written(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", **TRACKED)
     env = clean_env(tmp_path)
     token = "hf_" + "SENTINELrecipe" * 3  # shaped like a hub token, in no environment variable
     for cmd, override, why in (("run", f"tracking.notes=token {token}", "tracking.notes: looks like a Hugging Face"),
@@ -265,13 +357,35 @@ def test_wandb_mode_follows_the_environment_and_the_credentials(tmp_path):
     assert not has_wandb_credentials({"HOME": str(tmp_path), "WANDB_BASE_URL": "https://wandb.example.org"})
 
 
-def test_tracking_keys_are_validated(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    untracked = tmp_path / "untracked.yaml"
-    untracked.write_text(RECIPE.split("tracking:\n")[0])
+def test_mlflow_logs_into_the_run_folder_unless_told_where(tmp_path):
+    assert mlflow_tracking_uri(tmp_path, {}) == (f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}", True)
+    assert mlflow_tracking_uri(tmp_path, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == ("http://mlflow:5000", False)
+    # what is printed and kept in tracking.json never holds a password written into the URI
+    assert without_credentials("https://bob:s3cret@mlflow.example.org:5000/x") == "https://mlflow.example.org:5000/x"
+    assert without_credentials("databricks") == "databricks"
+
+
+def test_tracking_keys_are_validated(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", **TRACKED)
+    untracked = tiny_recipe(tmp_path / "untracked.yaml", **{**TRACKED, "tracking": None})
     assert load_recipe(untracked).tracking.report_to == ["wandb"]  # the default, as wandb is installed
     with pytest.raises(ValueError, match="'none' cannot be combined"):
         load_recipe(recipe, ["tracking.report_to=[none, wandb]"])
     with pytest.raises(ValueError, match="tracking.report_to.0"):
-        load_recipe(recipe, ["tracking.report_to=[mlflow]"])
+        load_recipe(recipe, ["tracking.report_to=[comet]"])
+
+
+def test_a_dashboard_that_is_not_installed_fails_validation(tmp_path, monkeypatch, tiny_recipe):
+    """Before anything runs, naming the key and the install command; simulated by hiding the package."""
+    import importlib.util
+
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", **TRACKED)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("trackio", "sqlalchemy") else real_find_spec(name, *a))
+    with pytest.raises(ValueError) as refused:
+        load_recipe(recipe, ["tracking.report_to=[wandb, mlflow, trackio]"])
+    message = str(refused.value)
+    assert "override 'tracking.report_to=[wandb, mlflow, trackio]': tracking.report_to: 'mlflow' is not installed: " \
+           "pip install mlflow-skinny sqlalchemy alembic" in message
+    assert "'trackio' is not installed: pip install trackio (the extra finetune[trackio]" in message

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .report import LoadReport, measure_parts
 
@@ -54,6 +55,7 @@ class _Loading:
     double_quant: bool
     compute_dtype: torch.dtype
     device: torch.device
+    progress: tqdm  # one step per layer whose experts are in place: the bulk of the reading and quantizing
     ledger: _Ledger = field(default_factory=_Ledger)
     pending: dict[int, _ExpertStacks] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
@@ -156,6 +158,7 @@ def _take_expert_tensor(state: _Loading, key: str, layer: int, expert: int, proj
         del state.pending[layer]
         _install_experts(state, layer, stacks.gate_up, stacks.down)
         state.ledger.held -= stacks.nbytes
+        state.progress.update()
 
 
 def _install_experts(state: _Loading, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
@@ -232,13 +235,15 @@ def load_mixtral_tensors(
     config.dtype = compute_dtype
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
-    state = _Loading(model, quant, double_quant, compute_dtype, dev)
     rss_before = _max_rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for key, tensor in tensors:
-        _take(state, key, tensor)
-    _finish(state)
+    desc = f"[model] loading, quantizing to {quant}" if quant else "[model] loading"
+    with tqdm(total=config.num_hidden_layers, desc=desc, unit="layer") as progress:
+        state = _Loading(model, quant, double_quant, compute_dtype, dev, progress)
+        for key, tensor in tensors:
+            _take(state, key, tensor)
+        _finish(state)
     model.eval()
     if quant is not None:
         model.is_loaded_in_4bit = True  # peft reads this to wrap Linear4bit with its 4-bit LoRA layer

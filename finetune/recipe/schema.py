@@ -269,28 +269,44 @@ class ExportSpec(Section):
     )
 
 
-Dashboard = Literal["none", "wandb", "tensorboard"]
+Dashboard = Literal["none", "wandb", "tensorboard", "mlflow", "trackio"]
+# what each dashboard imports, and how to install it; wandb and tensorboard are dependencies, the others extras
+DASHBOARD_PACKAGES = {
+    "wandb": (("wandb",), "pip install wandb"),
+    "tensorboard": (("tensorboard",), "pip install tensorboard"),
+    "mlflow": (("mlflow", "sqlalchemy", "alembic"), "pip install mlflow-skinny sqlalchemy alembic (the extra "
+               "finetune[mlflow]: pip install -e '.[mlflow]' in a checkout)"),
+    "trackio": (("trackio",), "pip install trackio (the extra finetune[trackio]: pip install -e '.[trackio]' in a "
+                "checkout)"),
+}
+
+
+def _installed(modules: tuple[str, ...]) -> bool:
+    from importlib.util import find_spec
+
+    return all(find_spec(module) is not None for module in modules)
 
 
 def _default_dashboards() -> list[str]:
     """wandb when it is installed (it is a dependency, so normally always), otherwise none."""
-    from importlib.util import find_spec
-
-    return ["wandb"] if find_spec("wandb") is not None else ["none"]
+    return ["wandb"] if _installed(DASHBOARD_PACKAGES["wandb"][0]) else ["none"]
 
 
 class TrackingSpec(Section):
     report_to: list[Dashboard] = Field(
         default_factory=_default_dashboards, min_length=1,
         description="Dashboards to log to, several at once: 'wandb' (offline, synced later, when no W&B credentials "
-        "are found), 'tensorboard' (event files in <output_dir>/tensorboard), or 'none'."
+        "are found), 'tensorboard' (event files in <output_dir>/tensorboard), 'mlflow' (MLFLOW_TRACKING_URI, or a "
+        "local store in <output_dir>/mlflow.db), 'trackio' (its local store, or the Space or server it is set up "
+        "for), or 'none'."
     )
-    project: str = Field("finetune", description="The W&B project.")
+    project: str = Field("finetune", description="The W&B or trackio project, the mlflow experiment.")
     run_name: str | None = Field(None, description="The dashboard run's name; the output_dir's folder name when null.")
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        default_factory=list, description="W&B tags."
+        default_factory=list, description="W&B and mlflow tags (trackio has none; they are in its config)."
     )
-    notes: str | None = Field(None, description="W&B notes: a line about what this run tries.")
+    notes: str | None = Field(None, description="W&B notes, the mlflow run's description: a line about what this run "
+                                 "tries.")
     router_stats: bool = Field(
         True, description="Log the router's per-layer expert load, entropy and auxiliary loss while training."
     )
@@ -304,11 +320,14 @@ class TrackingSpec(Section):
 
     @field_validator("report_to")
     @classmethod
-    def _none_alone(cls, report_to: list[str]) -> list[str]:
+    def _usable_dashboards(cls, report_to: list[str]) -> list[str]:
         if "none" in report_to and len(report_to) > 1:
             raise ValueError(f"'none' cannot be combined with dashboards, got {report_to}")
         if len(set(report_to)) != len(report_to):
             raise ValueError(f"a dashboard is listed twice: {report_to}")
+        missing = [d for d in report_to if d != "none" and not _installed(DASHBOARD_PACKAGES[d][0])]
+        if missing:
+            raise ValueError("; ".join(f"'{d}' is not installed: {DASHBOARD_PACKAGES[d][1]}" for d in missing))
         return report_to
 
 

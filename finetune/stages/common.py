@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from finetune import distributed
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import Recipe, Training
 
@@ -22,6 +23,8 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: bool, device: str) -> dict[str, Any]:
     """Keyword arguments shared by trl's SFTConfig and DPOConfig, all taken from the recipe."""
     eval_steps = stage.eval_steps if has_eval else None
+    accumulation = distributed.accumulation_per_process(recipe.stages.index(stage), stage.batch_size,
+                                                        stage.grad_accum, distributed.world_size())
     return dict(
         output_dir=str(stage_dir / "checkpoints"),
         seed=recipe.seed,
@@ -33,7 +36,10 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         max_steps=stage.max_steps or -1,
         per_device_train_batch_size=stage.batch_size,
         per_device_eval_batch_size=stage.batch_size,
-        gradient_accumulation_steps=stage.grad_accum,
+        gradient_accumulation_steps=accumulation,
+        # every LoRA weight takes part in every forward (each expert's A/B are slices of one stacked tensor), so
+        # DDP need not search the graph for unused parameters
+        ddp_find_unused_parameters=False,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
         activation_checkpointing=stage.gradient_checkpointing,
@@ -147,6 +153,7 @@ class TrainingGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trace:
             print(f"[trace] {self.stage} step {state.global_step} done", flush=True)
+        self.stop.requested = distributed.any_process(self.stop.requested)  # all processes stop at the same step
         if self.stop.requested:
             control.should_save = True
             control.should_training_stop = True
@@ -186,10 +193,12 @@ def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
     checkpoints = stage_dir / "checkpoints"
     if not resume or not checkpoints.is_dir():
         return None
-    for torn in [c for c in checkpoints.glob("checkpoint-*") if not _is_complete(c)]:
-        print(f"[resume] ignoring the incomplete checkpoint {torn}")
-        shutil.rmtree(torn)
     found = last_complete_checkpoint(checkpoints)
+    distributed.barrier()  # every process has chosen before the main process removes anything
+    if distributed.is_main():
+        for torn in [c for c in checkpoints.glob("checkpoint-*") if not _is_complete(c)]:
+            print(f"[resume] ignoring the incomplete checkpoint {torn}")
+            shutil.rmtree(torn)
     print(f"[resume] {'continuing from ' + str(found) if found else 'no complete checkpoint: starting the stage over'}")
     return found
 
@@ -219,11 +228,14 @@ def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Pat
         final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
 
         adapter_dir = stage_dir / "adapter"
-        models.save_adapter(trainer.model, adapter_dir)
-        trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
-        routing = finish_stage(trainer, kind, stage_dir, dashboards, recipe.tracking.drift_examples,
-                               recipe.data.max_seq_len)
-        write_manifest(stage_dir, stage=kind, base_model=str(base_path), adapter=str(adapter_dir), **manifest_fields,
-                       lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
-                       examples=data, final_eval=final_eval, routing=routing)
+        if distributed.is_main():  # the adapter is the same in every process; one writes it
+            models.save_adapter(trainer.model, adapter_dir)
+            trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
+            routing = finish_stage(trainer, kind, stage_dir, dashboards, recipe.tracking.drift_examples,
+                                   recipe.data.max_seq_len)
+            write_manifest(stage_dir, stage=kind, base_model=str(base_path), adapter=str(adapter_dir),
+                           **manifest_fields, lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
+                           examples=data, final_eval=final_eval, routing=routing,
+                           processes=distributed.world_size())
+    distributed.barrier()  # the next stage reads this one's adapter
     return adapter_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune import distributed
 from finetune import model as models
 from finetune.data.prepare import prepare_dpo
 from finetune.recipe.schema import DPOStage, Recipe
@@ -21,7 +22,8 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
     `callbacks` are added to the trainer's own (dashboards, router telemetry)."""
     from trl import DPOConfig, DPOTrainer
 
-    prepared = prepare_dpo(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the data cache, the others read it
+        prepared = prepare_dpo(recipe, tokenizer)
     print(prepared.summary())
     train_rows, held_out = prepared.train, prepared.eval
 

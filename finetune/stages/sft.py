@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune import distributed
 from finetune import model as models
 from finetune.data.prepare import prepare_sft
 from finetune.recipe.schema import Recipe, SFTStage
@@ -16,7 +17,8 @@ def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenize
     the trainer's own (dashboards, router telemetry)."""
     from trl import SFTConfig, SFTTrainer
 
-    prepared = prepare_sft(recipe, tokenizer)
+    with distributed.main_first():  # the main process fills the data cache, the others read it
+        prepared = prepare_sft(recipe, tokenizer)
     print(prepared.summary())
     train_rows, held_out = prepared.train, prepared.eval
 

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -81,3 +85,16 @@ def test_streaming_peak_stays_near_quantized_size(tiny_path):
     one_layer_experts_bf16 = plain.parts["experts"].bytes // 2
     # peak = quantized model + one layer's experts in bf16 (filled in place), never the whole bf16 model
     assert report.peak_bytes <= report.total_bytes + one_layer_experts_bf16 + 2**16
+
+
+def test_loading_shows_a_progress_bar_over_layers_on_stderr(tiny_path, capsys):
+    load_mixtral(tiny_path, quant="nf4", compute_dtype=torch.float32)
+    out, err = capsys.readouterr()
+    assert "[model] loading, quantizing to nf4: 100%" in err and "2/2 [" in err and "layer/s]" in err
+    assert "[model]" not in out
+    # TQDM_DISABLE=1 (read by tqdm when it is imported) turns the bars off for a log that wants none
+    quiet = subprocess.run([sys.executable, "-c", f"from finetune.moe.loader import load_mixtral; "
+                            f"load_mixtral({str(tiny_path)!r})"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "TQDM_DISABLE": "1"})
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "[model] loading" not in quiet.stderr

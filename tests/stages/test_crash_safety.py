@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,29 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = textwrap.dedent(f"""\
-    seed: 7
-    output_dir: unset
-    model: {{name_or_path: tiny-mixtral, compute_dtype: float32, device: cpu}}
-    lora: {{r: 8, alpha: 16, dropout: 0.1}}
-    data:
-      max_seq_len: 256
-      sft: {{sources: [{{path: {REPO}/data/quickstart/sft.jsonl}}]}}
-      dpo: {{sources: [{{path: {REPO}/data/quickstart/preference.jsonl}}]}}
-    stages:
-      - {{type: sft, learning_rate: 1.0e-2, max_steps: 8, batch_size: 4, grad_accum: 2, save_steps: 2,
-          save_total_limit: 2, logging_steps: 1, gradient_checkpointing: false}}
-      - {{type: dpo, learning_rate: 1.0e-3, max_steps: 6, batch_size: 4, grad_accum: 2, save_steps: 2,
-          save_total_limit: 2, logging_steps: 1, gradient_checkpointing: false}}
-    export: {{merge: false}}
-    """)
+CHECKPOINTING = {"max_steps": 8, "grad_accum": 2, "save_steps": 2, "save_total_limit": 2}
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "crash.yaml"
-    path.write_text(RECIPE)
-    return path
+def recipe(tmp_path_factory, tiny_recipe) -> Path:
+    return tiny_recipe(tmp_path_factory.mktemp("recipe") / "crash.yaml", lora={"dropout": 0.1}, sft=CHECKPOINTING,
+                       dpo={**CHECKPOINTING, "max_steps": 6})
 
 
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:

@@ -4,7 +4,6 @@ enters both stages with the recipe's coefficient."""
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,6 @@ from finetune.stages.common import StopSignal, read_metrics
 from finetune.stages.dpo import build_dpo_trainer
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = textwrap.dedent(f"""\
-    seed: 11
-    output_dir: unset
-    model: {{name_or_path: tiny-mixtral, compute_dtype: float32, device: cpu}}
-    lora: {{r: 8, alpha: 16, dropout: 0.0}}
-    data:
-      max_seq_len: 256
-      sft: {{sources: [{{path: {REPO}/data/quickstart/sft.jsonl}}]}}
-      dpo: {{sources: [{{path: {REPO}/data/quickstart/preference.jsonl}}]}}
-    stages:
-      - {{type: sft, learning_rate: 1.0e-2, max_steps: 6, batch_size: 4, logging_steps: 1, save_steps: 100,
-          gradient_checkpointing: false}}
-      - {{type: dpo, learning_rate: 1.0e-3, max_steps: 2, batch_size: 4, logging_steps: 1, save_steps: 100,
-          gradient_checkpointing: false}}
-    export: {{merge: false}}
-    """)
 
 
 def finetune_run(recipe: Path, out: Path, *overrides: str) -> None:
@@ -42,10 +25,9 @@ def finetune_run(recipe: Path, out: Path, *overrides: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def recipe_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
-    path.write_text(RECIPE)
-    return path
+def recipe_path(tmp_path_factory, tiny_recipe) -> Path:
+    return tiny_recipe(tmp_path_factory.mktemp("recipe") / "recipe.yaml", seed=11, sft={"max_steps": 6},
+                       dpo={"max_steps": 2})
 
 
 @pytest.fixture(scope="module")
