@@ -177,11 +177,16 @@ def test_sharded_launchers_are_refused_with_the_reason(variable, name):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_both_processes_at_the_same_step_with_a_checkpoint(runs):
-    """SIGTERM to the launcher reaches both processes (torch's elastic agent forwards it); they agree on the step,
-    save one complete checkpoint there and stop before anything after the stage."""
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs):
+    """SIGTERM reaching only the second process (a scheduler's signal lands in the processes at different times)
+    still stops both at the end of the same step, with one complete checkpoint there and nothing after the stage."""
     out = runs["root"] / "terminated"
-    code, seen = launch_until(runs, out, "[trace] sft step 1 done", lambda launcher: launcher.send_signal(signal.SIGTERM))
+
+    def terminate_the_second_process(launcher: subprocess.Popen) -> None:
+        (worker,) = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        worker.send_signal(signal.SIGTERM)
+
+    code, seen = launch_until(runs, out, "[trace] sft step 1 done", terminate_the_second_process)
     assert code != 0
     stopped = [m[1] for line in seen if (m := re.search(r"error: stopped by SIGTERM at step (\d+) ", line))]
     assert len(stopped) == 2 and len(set(stopped)) == 1, "\n".join(seen[-40:])  # both processes, the same step

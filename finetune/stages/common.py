@@ -153,8 +153,10 @@ class TrainingGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trace:
             print(f"[trace] {self.stage} step {state.global_step} done", flush=True)
-        self.stop.requested = distributed.any_process(self.stop.requested)  # all processes stop at the same step
-        if self.stop.requested:
+        # every process gets the same answer, so all stop at the same step; the flag is only ever set, never written
+        # back, as SIGTERM may arrive while the flags are being compared (it is then seen at the next step)
+        if distributed.any_process(self.stop.requested):
+            self.stop.requested = True
             control.should_save = True
             control.should_training_stop = True
 
