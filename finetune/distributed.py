@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 
 from finetune.errors import FinetuneError
 
@@ -26,6 +27,9 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# The other processes wait in a barrier while the main process downloads the base (about 90 GB for Mixtral-8x7B) or
+# prepares the data; NCCL's default of 10 minutes would end the run.
+WAIT_LIMIT = timedelta(hours=3)
 UNSUPPORTED_LAUNCHERS = {
     "ACCELERATE_USE_FSDP": "FSDP",
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
@@ -33,16 +37,16 @@ UNSUPPORTED_LAUNCHERS = {
 
 
 def refuse_sharded_launch(environ: dict[str, str] | None = None) -> None:
-    """FSDP and DeepSpeed ZeRO-3 shard parameters, but the 4-bit expert stacks (about 95% of Mixtral's weights)
-    are buffers, so each process would still hold them whole while the run looked sharded: refuse, and say what
-    works instead."""
+    """FSDP and DeepSpeed are refused, every ZeRO stage: FSDP and ZeRO-3 shard parameters, but the 4-bit expert
+    stacks (about 95% of Mixtral's weights) are buffers, so each process would still hold them whole while the run
+    looked sharded; ZeRO-1 and -2 have not been tried. Say what works instead."""
     environ = os.environ if environ is None else environ
     for variable, name in UNSUPPORTED_LAUNCHERS.items():
         if environ.get(variable, "").lower() == "true":
             raise FinetuneError(
-                f"{name} launch ({variable}=true) is not supported yet: FSDP and ZeRO-3 shard parameters, and the "
-                "4-bit expert stacks are buffers they would not shard, so every process would still hold the whole "
-                "4-bit model. "
+                f"{name} launch ({variable}=true) is not supported yet: FSDP and DeepSpeed ZeRO-3 shard parameters, "
+                "and the 4-bit expert stacks are buffers they would not shard, so every process would still hold the "
+                "whole 4-bit model (DeepSpeed's ZeRO-1 and -2 have not been tried). "
                 "Use data parallel instead (accelerate_configs/multi_gpu.yaml): each GPU holds the 4-bit model, "
                 "about 23 GiB for Mixtral-8x7B")
 
@@ -58,7 +62,7 @@ def start(device: str) -> None:
         import torch
 
         torch.cuda.set_device(local_rank())
-    state = PartialState(cpu=device == "cpu")
+    state = PartialState(cpu=device == "cpu", timeout=WAIT_LIMIT)
     if is_main():
         print(f"[distributed] {state.num_processes} processes, {state.distributed_type.value} over "
               f"{state.backend}; process 0 writes the run folder")
@@ -106,13 +110,16 @@ def any_process(flag: bool) -> bool:
 
 
 def sum_across_processes(tensors: list) -> None:
-    """Add each tensor over all processes, in place (router statistics are counted per process)."""
+    """Add each tensor over all processes, in place (router statistics are counted per process), in one call."""
     if not _group_ready():
         return
+    import torch
     import torch.distributed as dist
 
-    for tensor in tensors:
-        dist.all_reduce(tensor)
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat)
+    for tensor, total in zip(tensors, flat.split([tensor.numel() for tensor in tensors])):
+        tensor.copy_(total.view_as(tensor))
 
 
 def accumulation_per_process(stage_index: int, batch_size: int, grad_accum: int, processes: int) -> int:

@@ -76,12 +76,12 @@ def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
             adapter = run_stage(recipe, stage, base_path, tokenizer, stage_dir, adapter, resume, stop)
         record["stages"][stage.type] = str(stage_dir.resolve())
     record["final_adapter"] = str(adapter.resolve())
+    if distributed.is_main():
+        write_record(run_dir, record)
+    stop.check("before the export")
     if not distributed.is_main():
         return record  # the export and the run record are the main process's
 
-    write_record(run_dir, record)
-
-    stop.check("before the export")
     if recipe.export.merge:
         record["export"] = str(export(recipe).resolve())
     record["seconds"] = round(time.perf_counter() - started, 1)

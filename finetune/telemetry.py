@@ -103,13 +103,14 @@ class RouterCounts:
     def read(self) -> dict | None:
         """The window's statistics over every process (one host sync), then start a new window; None when nothing
         was routed."""
-        if self.sums is not None:
-            distributed.sum_across_processes(list(self.sums.values()))
-        if self.sums is None or float(self.sums["tokens"].min()) == 0:
+        if self.sums is None:
             return None
+        distributed.sum_across_processes(list(self.sums.values()))
         s = {k: v.cpu().double().numpy() for k, v in self.sums.items()}
         for v in self.sums.values():
             v.zero_()
+        if s["tokens"].min() == 0:
+            return None
         experts = s["routed"].shape[1]
         tokens = s["tokens"][:, None]
         # Mixtral's load-balancing loss: experts * sum_e (share of tokens sent to e) * (mean probability of e)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.data.cache import CACHE_ENV
 from finetune.distributed import accumulation_per_process, refuse_sharded_launch
 from finetune.errors import FinetuneError
 
@@ -45,7 +46,7 @@ def launch_command(recipe: Path, out: Path, *extra: str) -> list[str]:
 
 
 def child_env(cache: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "FINETUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **extra}
+    return {**os.environ, CACHE_ENV: str(cache), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def launch(recipe: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -83,7 +84,7 @@ def adapter(out: Path, stage: str) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory, tiny_recipe):
     """The two-process run and the one-process run of the same recipe."""
     root = tmp_path_factory.mktemp("distributed")
-    recipe = tiny_recipe(root / "recipe.yaml", sft=SFT, dpo=DPO)
+    recipe = tiny_recipe(root / "recipe.yaml", sft=SFT, dpo=DPO, tracking={"report_to": ["tensorboard"]})
     cache = root / "cache"
     two = launch(recipe, root / "two", cache)
     one = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe), f"output_dir={root / 'one'}"],
@@ -117,8 +118,9 @@ def test_two_processes_give_the_loss_curve_of_one(runs, stage):
 
 @pytest.mark.slow
 def test_only_the_main_process_writes_the_run_folder(runs):
-    """One metrics line per logged step and one routing record per window, not one per process."""
+    """One metrics line per logged step, one routing record per window, one dashboard run: not one per process."""
     for stage in ("sft", "dpo"):
+        assert len(list((runs["two"] / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1
         steps = [json.loads(line)["step"] for line in (runs["two"] / stage / "metrics.jsonl").read_text().splitlines()]
         assert len(steps) == len(set(steps)) + 1  # the trainer's end-of-training summary repeats the last step
         routing = (runs["two"] / stage / "routing.jsonl").read_text().splitlines()
@@ -138,23 +140,24 @@ def test_router_statistics_count_every_process_tokens(runs):
 
 @pytest.mark.slow
 def test_resume_under_two_processes_after_a_kill(runs):
-    """SIGKILL every process of a two-process run once DPO's step 3 is done (checkpoint-2 is complete, step 4 not
-    saved), resume it with two processes: the final adapters equal those of the run that was never interrupted."""
+    """SIGKILL every process of a two-process run once SFT's step 3 is done (checkpoint-2 is complete, step 4 not
+    saved), resume it with two processes (SFT from its checkpoint, then DPO from the start, under --resume): the final
+    adapters equal those of the run that was never interrupted."""
     out = runs["root"] / "killed"
 
     def kill_every_process(launcher: subprocess.Popen) -> None:
         for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
             process.send_signal(signal.SIGKILL)
 
-    code, seen = launch_until(runs, out, "[trace] dpo step 3 done", kill_every_process)
+    code, seen = launch_until(runs, out, "[trace] sft step 3 done", kill_every_process)
     assert code == -signal.SIGKILL, "\n".join(seen[-40:])
-    assert not (out / "dpo" / "manifest.json").exists()
-    assert (out / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "sft" / "manifest.json").exists() and not (out / "dpo").exists()
+    assert (out / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
 
     resumed = launch(runs["recipe"], out, runs["cache"], "--resume")
     output = resumed.stdout + resumed.stderr
-    assert "stage sft: already finished" in output
-    assert "[resume] continuing from" in output and "checkpoint-2" in output
+    assert output.count(f"[resume] continuing from {out / 'sft' / 'checkpoints' / 'checkpoint-2'}") == 2
+    assert output.count("[resume] no complete checkpoint: starting the stage over") == 2  # DPO, in each process
     for stage in ("sft", "dpo"):
         expected, got = adapter(runs["two"], stage), adapter(out, stage)
         assert expected.keys() == got.keys()

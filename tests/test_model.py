@@ -52,3 +52,14 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="model.device is 'cuda'"):
         models.resolve_device(ModelSpec(name_or_path="x", device="cuda"))
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch):
+    """Under a launcher, CUDA means the process's own device, cuda:LOCAL_RANK; the CPU stays the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert models.resolve_device(ModelSpec(name_or_path="x", device="auto")) == "cuda:3"
+    assert models.resolve_device(ModelSpec(name_or_path="x", device="cuda")) == "cuda:3"
+    assert models.resolve_device(ModelSpec(name_or_path="x", device="cpu")) == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert models.resolve_device(ModelSpec(name_or_path="x", device="cuda")) == "cuda:0"

@@ -14,18 +14,18 @@ import struct
 import subprocess
 import sys
 import textwrap
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
 from finetune.recipe import load_recipe
+from finetune.recipe.schema import dashboard_installed
 from finetune.secrets import find_secrets, redact
 from finetune.tracking import has_wandb_credentials, mlflow_tracking_uri, wandb_mode, without_credentials
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_MLFLOW = all(find_spec(module) is not None for module in ("mlflow", "sqlalchemy", "alembic"))
-HAS_TRACKIO = find_spec("trackio") is not None
+HAS_MLFLOW = dashboard_installed("mlflow")
+HAS_TRACKIO = dashboard_installed("trackio")
 DASHBOARDS = ["wandb", "tensorboard"] + (["mlflow"] if HAS_MLFLOW else []) + (["trackio"] if HAS_TRACKIO else [])
 needs_mlflow = pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow is not installed (pip install -e '.[mlflow]')")
 needs_trackio = pytest.mark.skipif(not HAS_TRACKIO, reason="trackio is not installed (pip install -e '.[trackio]')")

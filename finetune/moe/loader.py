@@ -239,7 +239,10 @@ def load_mixtral_tensors(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     desc = f"[model] loading, quantizing to {quant}" if quant else "[model] loading"
-    with tqdm(total=config.num_hidden_layers, desc=desc, unit="layer") as progress:
+    from finetune.distributed import is_main
+
+    # one bar for the run, not one per process
+    with tqdm(total=config.num_hidden_layers, desc=desc, unit="layer", disable=not is_main()) as progress:
         state = _Loading(model, quant, double_quant, compute_dtype, dev, progress)
         for key, tensor in tensors:
             _take(state, key, tensor)

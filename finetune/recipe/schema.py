@@ -269,7 +269,6 @@ class ExportSpec(Section):
     )
 
 
-Dashboard = Literal["none", "wandb", "tensorboard", "mlflow", "trackio"]
 # what each dashboard imports, and how to install it; wandb and tensorboard are dependencies, the others extras
 DASHBOARD_PACKAGES = {
     "wandb": (("wandb",), "pip install wandb"),
@@ -281,6 +280,13 @@ DASHBOARD_PACKAGES = {
 }
 
 
+Dashboard = Literal[("none", *DASHBOARD_PACKAGES)]
+
+
+def dashboard_installed(name: str) -> bool:
+    return _installed(DASHBOARD_PACKAGES[name][0])
+
+
 def _installed(modules: tuple[str, ...]) -> bool:
     from importlib.util import find_spec
 
@@ -289,7 +295,7 @@ def _installed(modules: tuple[str, ...]) -> bool:
 
 def _default_dashboards() -> list[str]:
     """wandb when it is installed (it is a dependency, so normally always), otherwise none."""
-    return ["wandb"] if _installed(DASHBOARD_PACKAGES["wandb"][0]) else ["none"]
+    return ["wandb"] if dashboard_installed("wandb") else ["none"]
 
 
 class TrackingSpec(Section):
@@ -325,7 +331,7 @@ class TrackingSpec(Section):
             raise ValueError(f"'none' cannot be combined with dashboards, got {report_to}")
         if len(set(report_to)) != len(report_to):
             raise ValueError(f"a dashboard is listed twice: {report_to}")
-        missing = [d for d in report_to if d != "none" and not _installed(DASHBOARD_PACKAGES[d][0])]
+        missing = [d for d in report_to if d != "none" and not dashboard_installed(d)]
         if missing:
             raise ValueError("; ".join(f"'{d}' is not installed: {DASHBOARD_PACKAGES[d][1]}" for d in missing))
         return report_to

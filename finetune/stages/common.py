@@ -23,8 +23,6 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: bool, device: str) -> dict[str, Any]:
     """Keyword arguments shared by trl's SFTConfig and DPOConfig, all taken from the recipe."""
     eval_steps = stage.eval_steps if has_eval else None
-    accumulation = distributed.accumulation_per_process(recipe.stages.index(stage), stage.batch_size,
-                                                        stage.grad_accum, distributed.world_size())
     return dict(
         output_dir=str(stage_dir / "checkpoints"),
         seed=recipe.seed,
@@ -36,10 +34,13 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         max_steps=stage.max_steps or -1,
         per_device_train_batch_size=stage.batch_size,
         per_device_eval_batch_size=stage.batch_size,
-        gradient_accumulation_steps=accumulation,
+        # the recipe's batch is global: split over the processes (`finetune run` checked that it divides)
+        gradient_accumulation_steps=stage.grad_accum // distributed.world_size(),
         # every LoRA weight takes part in every forward (each expert's A/B are slices of one stacked tensor), so
-        # DDP need not search the graph for unused parameters
+        # DDP need not search the graph for unused parameters; the frozen 4-bit expert stacks are buffers, the same
+        # in every process by construction, and must not be broadcast from the main process at every step
         ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
         activation_checkpointing=stage.gradient_checkpointing,
@@ -132,7 +133,8 @@ class StopSignal:
         self.requested = True
 
     def check(self, where: str) -> None:
-        if self.requested:
+        """Stop here if SIGTERM arrived in any process; every process of the run must call it at the same point."""
+        if distributed.any_process(self.requested):
             raise StopRequested(f"stopped by SIGTERM {where}; resume with --resume")
 
 
@@ -179,6 +181,12 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
 
 
+def _has_rng_states(checkpoint: Path, processes: int) -> bool:
+    """Every process writes its own RNG state, with no barrier before the main process's trainer_state.json."""
+    names = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
+    return all((checkpoint / name).is_file() for name in names)
+
+
 def _is_complete(checkpoint: Path) -> bool:
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
@@ -192,11 +200,19 @@ def _is_complete(checkpoint: Path) -> bool:
 def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
     """On --resume: the last complete checkpoint, after moving torn ones out of the trainer's way (its
     rotation would count them and could delete a complete one)."""
-    checkpoints = stage_dir / "checkpoints"
-    if not resume or not checkpoints.is_dir():
+    if not resume:
         return None
-    found = last_complete_checkpoint(checkpoints)
-    distributed.barrier()  # every process has chosen before the main process removes anything
+    checkpoints = stage_dir / "checkpoints"
+    complete = sorted((c for c in checkpoints.glob("checkpoint-*") if _is_complete(c)),
+                      key=lambda c: int(c.name.split("-")[1]))
+    exact = [c for c in complete if _has_rng_states(c, distributed.world_size())]
+    found = exact[-1] if exact else complete[-1] if complete else None
+    if found is not None and not exact:
+        print(f"[resume] {found} holds the RNG states of another number of processes: the data order continues, "
+              "dropout draws do not repeat exactly")
+    # every process has chosen before the main process removes anything (whether or not the folder exists yet:
+    # the main process's trainer creates it)
+    distributed.barrier()
     if distributed.is_main():
         for torn in [c for c in checkpoints.glob("checkpoint-*") if not _is_complete(c)]:
             print(f"[resume] ignoring the incomplete checkpoint {torn}")
