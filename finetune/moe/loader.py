@@ -241,8 +241,10 @@ def load_mixtral_tensors(
     desc = f"[model] loading, quantizing to {quant}" if quant else "[model] loading"
     from finetune.distributed import is_main
 
-    # one bar for the run, not one per process
-    with tqdm(total=config.num_hidden_layers, desc=desc, unit="layer", disable=not is_main()) as progress:
+    # one bar for the run, not one per process; `disable` is passed only to silence the others, since an explicit
+    # value would override TQDM_DISABLE
+    quiet = {} if is_main() else {"disable": True}
+    with tqdm(total=config.num_hidden_layers, desc=desc, unit="layer", **quiet) as progress:
         state = _Loading(model, quant, double_quant, compute_dtype, dev, progress)
         for key, tensor in tensors:
             _take(state, key, tensor)
