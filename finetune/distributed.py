@@ -6,6 +6,11 @@ share of each batch; only the main process writes the run folder (checkpoints ar
 already saves from the main process alone, plus each process's RNG state). The process group is accelerate's
 `PartialState`, the same one the trainer uses: gloo on CPU, NCCL on CUDA.
 
+Two ways to spread the work: data parallel (DDP: every process holds the whole 4-bit model), or, when the
+launch asks for FSDP, `shard`: every process keeps 1/N of every weight, the 4-bit expert stacks included, and
+gathers one decoder layer at a time. The second is ours, not accelerate's (accelerate only shards on an
+accelerator, and would not know the 4-bit stacks), so it runs the same on CPU processes and on GPUs.
+
 A recipe's global batch (`batch_size` x `grad_accum`) stays what it says whatever the number of processes:
 each process accumulates grad_accum / processes micro-batches.
 """
@@ -30,30 +35,44 @@ def world_size() -> int:
 # The other processes wait in a barrier while the main process downloads the base (about 90 GB for Mixtral-8x7B) or
 # prepares the data; NCCL's default of 10 minutes would end the run.
 WAIT_LIMIT = timedelta(hours=3)
-UNSUPPORTED_LAUNCHERS = {
-    "ACCELERATE_USE_FSDP": "FSDP",
-    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-}
+SHARDED_ENV = "FINETUNE_FSDP"  # set by `start` for this process when the launch asked for FSDP
 
 
-def refuse_sharded_launch(environ: dict[str, str] | None = None) -> None:
-    """FSDP and DeepSpeed are refused, every ZeRO stage: FSDP and ZeRO-3 shard parameters, but the 4-bit expert
-    stacks (about 95% of Mixtral's weights) are buffers, so each process would still hold them whole while the run
-    looked sharded; ZeRO-1 and -2 have not been tried. Say what works instead."""
+def refuse_unsupported_launch(environ: dict[str, str] | None = None) -> None:
+    """DeepSpeed (any ZeRO stage) and FSDP version 1 are refused; FSDP version 2 is what `shard` does.
+    Say what works instead."""
     environ = os.environ if environ is None else environ
-    for variable, name in UNSUPPORTED_LAUNCHERS.items():
-        if environ.get(variable, "").lower() == "true":
-            raise FinetuneError(
-                f"{name} launch ({variable}=true) is not supported yet: FSDP and DeepSpeed ZeRO-3 shard parameters, "
-                "and the 4-bit expert stacks are buffers they would not shard, so every process would still hold the "
-                "whole 4-bit model (DeepSpeed's ZeRO-1 and -2 have not been tried). "
-                "Use data parallel instead (accelerate_configs/multi_gpu.yaml): each GPU holds the 4-bit model, "
-                "about 23 GiB for Mixtral-8x7B")
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise FinetuneError(
+            "DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) is not supported: ZeRO-3 would partition the 4-bit "
+            "expert stacks without knowing how our grouped kernel reads them, and ZeRO-1/-2 have not been tried. "
+            "Use accelerate_configs/fsdp_qlora.yaml to shard the 4-bit model over the GPUs, or "
+            "accelerate_configs/multi_gpu.yaml (each GPU holds the whole 4-bit model, about 23 GiB for Mixtral-8x7B)")
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    problems = []
+    if environ.get("FSDP_VERSION", "1") != "2":
+        problems.append(f"fsdp_config.fsdp_version is {environ.get('FSDP_VERSION', '1')}: only 2 (per-parameter "
+                        "sharding, which shards the uint8 4-bit stacks as they are) is supported")
+    if environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        problems.append("fsdp_config.fsdp_offload_params: true is not supported (the expert kernel reads the 4-bit "
+                        "stacks on the GPU)")
+    if environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        problems.append("fsdp_config.fsdp_activation_checkpointing: true is not supported; the recipe's "
+                        "stages.N.gradient_checkpointing decides, under every launcher")
+    if problems:
+        raise FinetuneError("the accelerate config asks for FSDP settings this toolkit does not support: "
+                            + "; ".join(problems) + " (see accelerate_configs/fsdp_qlora.yaml)")
 
 
 def start(device: str) -> None:
-    """Join the launcher's process group (a no-op in a single process); the trainer reuses it."""
-    refuse_sharded_launch()
+    """Join the launcher's process group (a no-op in a single process); the trainer reuses it.
+
+    An FSDP launch is taken over here: `shard` applies FSDP2 to the model itself, and accelerate must not wrap
+    it again, so the trainer's accelerator is not told (ACCELERATE_USE_FSDP is cleared for this process)."""
+    refuse_unsupported_launch()
+    if os.environ.pop("ACCELERATE_USE_FSDP", "").lower() == "true":
+        os.environ[SHARDED_ENV] = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
     if world_size() == 1:
         return
     from accelerate import PartialState
@@ -64,8 +83,77 @@ def start(device: str) -> None:
         torch.cuda.set_device(local_rank())
     state = PartialState(cpu=device == "cpu", timeout=WAIT_LIMIT)
     if is_main():
-        print(f"[distributed] {state.num_processes} processes, {state.distributed_type.value} over "
-              f"{state.backend}; process 0 writes the run folder")
+        mode = "FSDP2 (4-bit model sharded)" if sharded() else state.distributed_type.value
+        print(f"[distributed] {state.num_processes} processes, {mode} over {state.backend}; "
+              "process 0 writes the run folder")
+
+
+def sharded() -> bool:
+    """True when this run shards its model over its processes (an FSDP launch of more than one, see `start`)."""
+    return SHARDED_ENV in os.environ and world_size() > 1
+
+
+def skip_frozen_sync(model) -> None:
+    """Data parallel: DDP broadcasts every parameter from the main process when it wraps the model; the frozen ones
+    (the 4-bit stacks, about 22 GB for Mixtral-8x7B, and the rest of the base) are the same in every process, which
+    each loaded from the same checkpoint, so they are left out. The trainable LoRA weights are still broadcast."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+
+
+def whole(tensor):
+    """The whole tensor of a sharded parameter or gradient (a collective: every process calls it, in the same
+    order); an unsharded tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor):
+    """This process's part of a sharded tensor, without communication; an unsharded tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def place_like(full, param):
+    """`full` (the same whole tensor in every process) cut the way `param` is sharded, without communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=local(param).device, dtype=param.dtype)
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def shard(model) -> None:
+    """FSDP2 over the processes, in place: each decoder layer is one unit (its 4-bit stacks, attention and LoRA
+    gathered for that layer's forward and backward only), the rest (embeddings, final norm, head) the root's.
+
+    Every parameter becomes a DTensor holding 1/N of it, the packed uint8 expert stacks included (FSDP2 gathers
+    a mixed-dtype unit as bytes). Call it after the trainer is built (trl copies DPO's reference adapter first)
+    and before it trains; the trainer then neither places nor wraps the model (see `hand_to_trainer`)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+
+    from finetune.moe import QuantizedExperts
+
+    reshard = os.environ[SHARDED_ENV] == "true"
+    layers = [m for m in model.modules() if isinstance(m, MixtralDecoderLayer)]
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=False)  # the root's parameters are needed at once by the backward
+    experts = [p for m in model.modules() if isinstance(m, QuantizedExperts) for p in m.parameters()]
+    if is_main():
+        print(f"[distributed] FSDP2 over {world_size()} processes: this one holds {_mib(experts, local)} of the "
+              f"{_mib(experts)} of 4-bit expert stacks, {_mib(model.parameters(), local)} of the "
+              f"{_mib(model.parameters())} of parameters")
+
+
+def _mib(tensors, part=lambda t: t) -> str:
+    return f"{sum(part(t).numel() * t.element_size() for t in tensors) / 2**20:.3f} MiB"
 
 
 def _group_ready() -> bool:

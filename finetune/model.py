@@ -95,11 +95,12 @@ def trainable_summary(model) -> str:
     return trainable_report(model).format()
 
 
-def save_adapter(model, adapter_dir: Path) -> None:
-    """The "default" adapter in the original per-expert naming, loadable by stock peft on a stock Mixtral."""
+def save_adapter(model, adapter_dir: Path, write: bool = True) -> None:
+    """The "default" adapter in the original per-expert naming, loadable by stock peft on a stock Mixtral.
+    A sharded model is gathered by every process; the one with `write` writes it."""
     from finetune.moe import save_adapter as save_expert_adapter
 
-    save_expert_adapter(model, adapter_dir, adapter_name="default")
+    save_expert_adapter(model, adapter_dir, adapter_name="default", write=write)
 
 
 @contextmanager

@@ -192,19 +192,25 @@ def stage_load(records: list[dict]) -> np.ndarray | None:
     return routed / routed.sum(-1, keepdims=True)
 
 
-def finish_stage(trainer, stage: str, stage_dir: Path, dashboards, examples: int, max_len: int) -> dict:
-    """Heatmaps and drift of a trained stage, logged and saved beside its adapter; returns a summary."""
+def finish_stage(trainer, stage: str, stage_dir: Path, dashboards, examples: int, max_len: int,
+                 write: bool = True) -> dict:
+    """Heatmaps and drift of a trained stage, logged and saved beside its adapter; returns a summary.
+    A sharded model runs the drift's forwards in every process at once: each calls this, the one given `write`
+    saves and logs."""
     step = trainer.state.global_step
     summary: dict = {"dropped_tokens": NO_CAPACITY}
+    sequences = probe_sequences(trainer.eval_dataset or trainer.train_dataset, examples, max_len)
+    # the base model is the model without adapters
+    drift = routing_drift(trainer, sequences) if sequences and hasattr(trainer.model, "disable_adapter") else None
+    if not write:
+        return summary
     load = stage_load(read_routing(stage_dir))
     if load is not None:
         png = load_heatmap(load, f"{stage}: expert load over the stage (steps to {step})",
                            stage_dir / "routing_load.png")
         dashboards.log_image(step, "router/expert_load", png, caption=f"{stage}: layers x experts")
         summary["load_heatmap"] = str(png)
-    sequences = probe_sequences(trainer.eval_dataset or trainer.train_dataset, examples, max_len)
-    if sequences and hasattr(trainer.model, "disable_adapter"):  # the base model is the model without adapters
-        drift = routing_drift(trainer, sequences)
+    if drift is not None:
         (stage_dir / "routing_drift.json").write_text(json.dumps(drift, indent=2) + "\n", encoding="utf-8")
         png = drift_heatmap(np.array(drift["load_finetuned"]) - np.array(drift["load_base"]),
                             np.array(drift["topk_agreement"]),

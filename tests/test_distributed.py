@@ -1,10 +1,11 @@
 """Several processes, one recipe: real `accelerate launch` runs of two CPU processes over gloo.
 
-The same recipe (global batch 2 x 2) runs once in one process (accumulating 2 micro-batches) and once in two
-processes (each taking 1 micro-batch of every step). Both must log the same loss curve: the processes see
-between them exactly the examples the single process sees, and the trainer averages the loss over the global
-batch's tokens. A two-process run killed with SIGKILL mid-DPO and resumed under two processes must end with the
-adapters of the uninterrupted two-process run.
+The same recipe (global batch 2 x 2) runs once in one process (accumulating 2 micro-batches) and twice in two
+processes (each taking 1 micro-batch of every step): data parallel (cpu_ddp.yaml, each process holding the whole
+model) and sharded (cpu_fsdp.yaml, FSDP2: each process holding half of every weight). All must log the same loss
+curve: the processes see between them exactly the examples the single process sees, and the trainer averages the
+loss over the global batch's tokens. A two-process run killed with SIGKILL mid-SFT and resumed under the same
+launch must end with the adapters of its uninterrupted twin.
 """
 
 import json
@@ -22,11 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.data.cache import CACHE_ENV
-from finetune.distributed import accumulation_per_process, refuse_sharded_launch
+from finetune.distributed import accumulation_per_process, refuse_unsupported_launch
 from finetune.errors import FinetuneError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "accelerate_configs" / "cpu_ddp.yaml"
+CONFIGS = {"two": REPO / "accelerate_configs" / "cpu_ddp.yaml", "fsdp": REPO / "accelerate_configs" / "cpu_fsdp.yaml"}
 # Loss and grad norm may differ by float summation order only (one process sums two micro-batches' gradients,
 # two processes all-reduce them).
 RELATIVE_TOLERANCE = 1e-4
@@ -40,8 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+def launch_command(recipe: Path, out: Path, *extra: str, launch: str = "two") -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[launch]),
             "--main_process_port", str(free_port()), "-m", "finetune", "run", str(recipe), f"output_dir={out}", *extra]
 
 
@@ -49,17 +50,17 @@ def child_env(cache: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, CACHE_ENV: str(cache), "PYTHONUNBUFFERED": "1", **extra}
 
 
-def launch(recipe: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(launch_command(recipe, out, *extra), capture_output=True, text=True, cwd=REPO,
+def launch_recipe(recipe: Path, out: Path, cache: Path, *extra: str, launch: str = "two") -> subprocess.CompletedProcess:
+    done = subprocess.run(launch_command(recipe, out, *extra, launch=launch), capture_output=True, text=True, cwd=REPO,
                           env=child_env(cache), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
-def launch_until(runs: dict, out: Path, marker: str, act) -> tuple[int, list[str]]:
+def launch_until(runs: dict, out: Path, marker: str, act, launch: str = "two") -> tuple[int, list[str]]:
     """Launch the recipe in two processes printing their steps, `act` on the launcher once a line holds `marker`,
     and wait for the end; returns the launcher's exit code and the output lines."""
-    child = subprocess.Popen(launch_command(runs["recipe"], out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(launch_command(runs["recipe"], out, launch=launch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, cwd=REPO, env=child_env(runs["cache"], FINETUNE_TRACE_STEPS="1"))
     seen = []
     for line in child.stdout:
@@ -82,32 +83,51 @@ def adapter(out: Path, stage: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_recipe):
-    """The two-process run and the one-process run of the same recipe."""
+    """The two-process runs (data parallel, sharded) and the one-process run of the same recipe."""
     root = tmp_path_factory.mktemp("distributed")
     recipe = tiny_recipe(root / "recipe.yaml", sft=SFT, dpo=DPO, tracking={"report_to": ["tensorboard"]})
     cache = root / "cache"
-    two = launch(recipe, root / "two", cache)
+    two = launch_recipe(recipe, root / "two", cache)
+    fsdp = launch_recipe(recipe, root / "fsdp", cache, launch="fsdp")
     one = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe), f"output_dir={root / 'one'}"],
                          capture_output=True, text=True, cwd=REPO, env=child_env(cache), timeout=900)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     return {"recipe": recipe, "cache": cache, "root": root, "two": root / "two", "one": root / "one",
-            "two_output": two.stdout + two.stderr}
+            "fsdp": root / "fsdp", "two_output": two.stdout + two.stderr, "fsdp_output": fsdp.stdout + fsdp.stderr}
 
 
 @pytest.mark.slow
 def test_two_processes_really_ran(runs):
     assert "[distributed] 2 processes, MULTI_CPU over gloo" in runs["two_output"]
+    assert "[distributed] 2 processes, FSDP2 (4-bit model sharded) over gloo" in runs["fsdp_output"]
+    for launch, sharded in (("two", False), ("fsdp", True)):
+        for stage in ("sft", "dpo"):
+            manifest = json.loads((runs[launch] / stage / "manifest.json").read_text())
+            assert (manifest["processes"], manifest["sharded"]) == (2, sharded)
+            checkpoint = runs[launch] / stage / "checkpoints" / "checkpoint-2"
+            assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     for stage in ("sft", "dpo"):
-        assert json.loads((runs["two"] / stage / "manifest.json").read_text())["processes"] == 2
-        checkpoint = runs["two"] / stage / "checkpoints" / "checkpoint-2"
-        assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
-        assert json.loads((runs["one"] / stage / "manifest.json").read_text())["processes"] == 1
+        manifest = json.loads((runs["one"] / stage / "manifest.json").read_text())
+        assert (manifest["processes"], manifest["sharded"]) == (1, False)
 
 
 @pytest.mark.slow
+def test_fsdp_keeps_half_of_every_weight_in_each_process(runs):
+    """Printed by the main process once its model is sharded, per stage: half of the 4-bit expert bytes, and
+    half of all parameters (give or take the padding of tensors whose first dimension is odd)."""
+    held = re.findall(r"this one holds ([\d.]+) MiB of the ([\d.]+) MiB of 4-bit expert stacks, ([\d.]+) MiB of the "
+                      r"([\d.]+) MiB of parameters", runs["fsdp_output"])
+    assert len(held) == 2  # SFT, DPO
+    for experts, all_experts, params, all_params in (map(float, h) for h in held):
+        assert all_experts > 0.5 and experts == pytest.approx(all_experts / 2, rel=0.01)
+        assert params == pytest.approx(all_params / 2, rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["two", "fsdp"])
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_two_processes_give_the_loss_curve_of_one(runs, stage):
-    one, two = losses(runs["one"], stage), losses(runs["two"], stage)
+def test_two_processes_give_the_loss_curve_of_one(runs, stage, launch):
+    one, two = losses(runs["one"], stage), losses(runs[launch], stage)
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         for name, a, b in zip(("loss", "grad_norm"), one[step], two[step]):
@@ -117,52 +137,83 @@ def test_two_processes_give_the_loss_curve_of_one(runs, stage):
 
 
 @pytest.mark.slow
-def test_only_the_main_process_writes_the_run_folder(runs):
+@pytest.mark.parametrize("launch", ["two", "fsdp"])
+def test_only_the_main_process_writes_the_run_folder(runs, launch):
     """One metrics line per logged step, one routing record per window, one dashboard run: not one per process."""
     for stage in ("sft", "dpo"):
-        assert len(list((runs["two"] / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1
-        steps = [json.loads(line)["step"] for line in (runs["two"] / stage / "metrics.jsonl").read_text().splitlines()]
+        assert len(list((runs[launch] / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1
+        steps = [json.loads(line)["step"] for line in (runs[launch] / stage / "metrics.jsonl").read_text().splitlines()]
         assert len(steps) == len(set(steps)) + 1  # the trainer's end-of-training summary repeats the last step
-        routing = (runs["two"] / stage / "routing.jsonl").read_text().splitlines()
+        routing = (runs[launch] / stage / "routing.jsonl").read_text().splitlines()
         assert [json.loads(r)["step"] for r in routing] == [1, 2, 3, 4]
+        # the routing drift of a sharded model runs its forwards in both processes; one writes it, on the same
+        # probe tokens as the single process, with (nearly) the same adapters
+        drift = json.loads((runs[launch] / stage / "routing_drift.json").read_text())
+        alone = json.loads((runs["one"] / stage / "routing_drift.json").read_text())
+        assert drift["tokens"] == alone["tokens"] > 0
+        assert drift["topk_agreement"] == pytest.approx(alone["topk_agreement"], abs=0.02)
 
 
 @pytest.mark.slow
-def test_router_statistics_count_every_process_tokens(runs):
+@pytest.mark.parametrize("launch", ["two", "fsdp"])
+def test_router_statistics_count_every_process_tokens(runs, launch):
     """Each process routes its own micro-batch; the logged window covers both, as the single process's does."""
     for stage in ("sft", "dpo"):
         one = [json.loads(r) for r in (runs["one"] / stage / "routing.jsonl").read_text().splitlines()]
-        two = [json.loads(r) for r in (runs["two"] / stage / "routing.jsonl").read_text().splitlines()]
+        two = [json.loads(r) for r in (runs[launch] / stage / "routing.jsonl").read_text().splitlines()]
         assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
         for a, b in zip(one, two):
             assert torch.allclose(torch.tensor(a["load"]), torch.tensor(b["load"]), atol=1e-5)
 
 
 @pytest.mark.slow
-def test_resume_under_two_processes_after_a_kill(runs):
+@pytest.mark.parametrize("launch", ["two", "fsdp"])
+def test_resume_under_two_processes_after_a_kill(runs, launch):
     """SIGKILL every process of a two-process run once SFT's step 3 is done (checkpoint-2 is complete, step 4 not
     saved), resume it with two processes (SFT from its checkpoint, then DPO from the start, under --resume): the final
-    adapters equal those of the run that was never interrupted."""
-    out = runs["root"] / "killed"
+    adapters equal those of the run that was never interrupted. Sharded, the checkpoint holds the adapter and the
+    optimizer state gathered whole, and each process takes its half back."""
+    out = runs["root"] / f"killed-{launch}"
 
     def kill_every_process(launcher: subprocess.Popen) -> None:
         for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
             process.send_signal(signal.SIGKILL)
 
-    code, seen = launch_until(runs, out, "[trace] sft step 3 done", kill_every_process)
+    code, seen = launch_until(runs, out, "[trace] sft step 3 done", kill_every_process, launch=launch)
     assert code == -signal.SIGKILL, "\n".join(seen[-40:])
     assert not (out / "sft" / "manifest.json").exists() and not (out / "dpo").exists()
     assert (out / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
 
-    resumed = launch(runs["recipe"], out, runs["cache"], "--resume")
+    resumed = launch_recipe(runs["recipe"], out, runs["cache"], "--resume", launch=launch)
     output = resumed.stdout + resumed.stderr
     assert output.count(f"[resume] continuing from {out / 'sft' / 'checkpoints' / 'checkpoint-2'}") == 2
     assert output.count("[resume] no complete checkpoint: starting the stage over") == 2  # DPO, in each process
     for stage in ("sft", "dpo"):
-        expected, got = adapter(runs["two"], stage), adapter(out, stage)
+        expected, got = adapter(runs[launch], stage), adapter(out, stage)
         assert expected.keys() == got.keys()
         worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
         assert worst <= 1e-6, f"{stage}: resumed adapter differs by {worst}"
+
+
+def test_fsdp_sharded_step_equals_the_unsharded_step(tmp_path):
+    """tests/fsdp_worker.py in two real processes: the tiny 4-bit model with LoRA on attention and every expert,
+    gradient checkpointing on, sharded by `finetune.distributed.shard`, each process on half of a batch; the loss
+    and every LoRA gradient equal one unsharded process's on the whole batch; the whole 4-bit stacks are released,
+    each process keeping half of their bytes."""
+    from finetune.moe import build_tiny_mixtral
+
+    base = build_tiny_mixtral(tmp_path / "base", seed=3)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(REPO / "tests" / "fsdp_worker.py"), str(base), str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["loss"] == pytest.approx(seen["reference_loss"], rel=1e-5)
+        assert seen["gradients"] == 2 * (8 + 6)  # per layer, A and B of: q, k, v, o; the experts' w1, w3, w2
+        assert seen["worst_gradient_difference"] <= 1e-5
+        assert seen["whole_stacks_released"]
+        assert seen["expert_bytes_held"] == seen["expert_bytes_whole"] // 2
 
 
 def test_the_global_batch_is_split_by_accumulation():
@@ -172,11 +223,19 @@ def test_the_global_batch_is_split_by_accumulation():
         accumulation_per_process(1, batch_size=4, grad_accum=3, processes=2)
 
 
-@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharded_launchers_are_refused_with_the_reason(variable, name):
-    refuse_sharded_launch({variable: "false"})
-    with pytest.raises(FinetuneError, match=rf"{name} launch \({variable}=true\) is not supported yet.*multi_gpu"):
-        refuse_sharded_launch({variable: "true"})
+def test_unsupported_launch_settings_are_refused_with_the_reason():
+    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    refuse_unsupported_launch(fsdp2)
+    refuse_unsupported_launch({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "false"})
+    with pytest.raises(FinetuneError, match=r"DeepSpeed launch \(ACCELERATE_USE_DEEPSPEED=true\) is not supported.*"
+                                            r"fsdp_qlora\.yaml.*multi_gpu\.yaml"):
+        refuse_unsupported_launch({"ACCELERATE_USE_DEEPSPEED": "true"})
+    for settings, named in (({"FSDP_VERSION": "1"}, r"fsdp_config\.fsdp_version is 1: only 2"),
+                            ({"FSDP_OFFLOAD_PARAMS": "true"}, r"fsdp_config\.fsdp_offload_params"),
+                            ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, r"fsdp_config\.fsdp_activation_checkpointing.*"
+                                                                        r"gradient_checkpointing")):
+        with pytest.raises(FinetuneError, match=named):
+            refuse_unsupported_launch({**fsdp2, **settings})
 
 
 @pytest.mark.slow

@@ -25,11 +25,14 @@ from .lora_config import ATTENTION_MODULES, EXPERTS_MODULE, ROUTER_MODULE, regis
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def _export_views(peft_model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """Export key -> the live tensor (or per-expert slice) holding it, for every parameter of `adapter`."""
+def _export_views(peft_model: nn.Module, adapter: str, whole=None) -> dict[str, torch.Tensor]:
+    """Export key -> the live tensor (or per-expert slice) holding it, for every parameter of `adapter`;
+    `whole` maps a parameter to the tensor to cut (the gathered whole of a sharded one)."""
     views: dict[str, torch.Tensor] = {}
     tag = f".{adapter}."
     for name, p in peft_model.named_parameters():
+        if tag in name and whole is not None:
+            p = whole(p)
         if tag not in name:
             continue
         if m := re.fullmatch(rf"(.*)\.mlp\.experts\.(lora_[AB])\.{re.escape(adapter)}\.(w[123])", name):
@@ -84,13 +87,22 @@ def export_config(peft_model: nn.Module, adapter: str):
     )
 
 
-def save_adapter(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write adapter_model.safetensors + adapter_config.json in the per-expert naming."""
+def save_adapter(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default",
+                 write: bool = True) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json in the per-expert naming.
+
+    A model sharded over processes (FSDP2) is gathered first, by every process in the same order; only the
+    process given `write` writes."""
     from safetensors.torch import save_file
 
+    from finetune.distributed import whole
+
     out = Path(out_dir)
+    views = _export_views(peft_model, adapter_name, whole=lambda p: whole(p.detach()))
+    if not write:
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _export_views(peft_model, adapter_name).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in views.items()}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     export_config(peft_model, adapter_name).save_pretrained(str(out))
     return out

@@ -21,7 +21,9 @@ def dequantized_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32)
     """State dict of the stock MixtralForCausalLM equal to what the quantized `model` computes with."""
     import bitsandbytes as bnb
 
-    out = {n: p.detach().to(dtype) for n, p in model.named_parameters() if not isinstance(p, bnb.nn.Params4bit)}
+    packed = {id(p) for m in model.modules() if isinstance(m, QuantizedExperts) for p in m.parameters()}
+    out = {n: p.detach().to(dtype) for n, p in model.named_parameters()
+           if not isinstance(p, bnb.nn.Params4bit) and id(p) not in packed}
     if getattr(model.config, "tie_word_embeddings", False):
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     for name, module in model.named_modules():

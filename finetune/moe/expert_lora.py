@@ -63,7 +63,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         if config.use_dora or config.lora_bias:
             raise ValueError("expert LoRA supports plain LoRA only (no DoRA, no lora_bias)")
         base = self.get_base_layer()
-        device = next((t.device for t in base.buffers()), None) or next(base.parameters()).device
+        device = next(base.parameters()).device
         shapes = _lora_shapes(base.num_experts, base.hidden_dim, base.intermediate_dim, r)
         a = {p: torch.empty(sa, device=device, dtype=torch.float32) for p, (sa, _) in shapes.items()}
         b = {p: torch.empty(sb, device=device, dtype=torch.float32) for p, (_, sb) in shapes.items()}

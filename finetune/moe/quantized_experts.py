@@ -29,9 +29,14 @@ class Packed4bitStack(nn.Module):
     """An [E, out, in] weight stack quantized as ONE bitsandbytes 4-bit tensor (blockwise, blocksize 64).
 
     Because each expert's slice is a whole number of blocks, expert `e` can be dequantized alone from a
-    slice of the packed data and of the absmax: no dense copy of the stack ever exists. Tensors are
-    non-persistent buffers so `.to(device)` moves them and `state_dict()` (which peft and trainers walk)
-    does not see them.
+    slice of the packed data and of the absmax: no dense copy of the stack ever exists.
+
+    The packed data and the block scales (the bulk: about 95% of Mixtral's bytes) are frozen parameters, not
+    buffers, so FSDP2 shards them like any other weight: each process holds 1/N of them between layers and
+    the layer's forward and backward see them whole (FSDP2 gathers mixed-dtype groups as bytes, so uint8 needs
+    no float disguise, and `.to(dtype)` leaves uint8 alone). The two small codebooks stay buffers. None of it
+    is in `state_dict()`: the stack is rebuilt from the base checkpoint, never saved with an adapter or a
+    trainer checkpoint.
     """
 
     def __init__(self, stack: torch.Tensor, quant_type: QuantType, double_quant: bool) -> None:
@@ -47,20 +52,35 @@ class Packed4bitStack(nn.Module):
         self.shape = (num_experts, out_features, in_features)
         self.quant_type = quant_type
         self.double_quant = double_quant
-        self.register_buffer("data", packed, persistent=False)
-        self.register_buffer("absmax", state.absmax, persistent=False)
+        self.data = nn.Parameter(packed.reshape(-1), requires_grad=False)
+        self.absmax = nn.Parameter(state.absmax, requires_grad=False)
         self.register_buffer("code", state.code, persistent=False)
         if double_quant:
             self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
             self.register_buffer("nested_code", state.state2.code, persistent=False)
             self.register_buffer("offset", state.offset.reshape(1), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Moves, never casts: a model-wide `.to(bfloat16)` would otherwise round the float32 codebooks and scales."""
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(move_only, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Nothing: the packed stack comes from the base checkpoint (see the class docstring)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Nothing to load, nothing missing (see `_save_to_state_dict`)."""
+
     @property
     def expert_numel(self) -> int:
         return self.shape[1] * self.shape[2]
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
     def expert_absmax(self, expert: int) -> torch.Tensor:
         """Float32 block scales of one expert (undoing the double quantization for its blocks only)."""
@@ -162,7 +182,7 @@ class _FrozenExpertLinear(torch.autograd.Function):
 
 
 class QuantizedExperts(nn.Module):
-    """Drop-in for transformers' `MixtralExperts` with both stacks in 4-bit; frozen (no parameters).
+    """Drop-in for transformers' `MixtralExperts` with both stacks in 4-bit; frozen (no trainable parameters).
 
     gate_up_proj: [E, 2I, H] (w1 rows then w3 rows), down_proj: [E, H, I], as in transformers 5.
     """

@@ -37,8 +37,8 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         # the recipe's batch is global: split over the processes (`finetune run` checked that it divides)
         gradient_accumulation_steps=stage.grad_accum // distributed.world_size(),
         # every LoRA weight takes part in every forward (each expert's A/B are slices of one stacked tensor), so
-        # DDP need not search the graph for unused parameters; the frozen 4-bit expert stacks are buffers, the same
-        # in every process by construction, and must not be broadcast from the main process at every step
+        # DDP need not search the graph for unused parameters; the 4-bit codebooks (buffers) are the same in every
+        # process by construction and need no broadcast at every step (see also `distributed.skip_frozen_sync`)
         ddp_find_unused_parameters=False,
         ddp_broadcast_buffers=False,
         weight_decay=stage.weight_decay,
@@ -164,10 +164,12 @@ class TrainingGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-        norms = torch._foreach_norm([p.grad for _, p in params])
-        if bool(torch.isfinite(torch.stack(norms)).all()):
+        # a sharded run checks each process's part of the gradients, then agrees (the parts differ)
+        norms = torch._foreach_norm([distributed.local(p.grad) for _, p in params])
+        finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+        if not (distributed.any_process(not finite) if distributed.sharded() else not finite):
             return
-        bad = [n for (n, _), norm in zip(params, norms) if not torch.isfinite(norm)]
+        bad = [n for (n, _), norm in zip(params, norms) if not torch.isfinite(norm)] or ["(in another process)"]
         raise NonFiniteTraining(
             f"step {state.global_step + 1}: the loss or gradients are NaN/inf ({len(bad)} tensors, e.g. {bad[0]}); "
             f"stopped before the optimizer step. Last checkpoint: {last_complete_checkpoint(Path(args.output_dir))}"
@@ -232,6 +234,89 @@ def stage_finished(stage_dir: Path) -> bool:
     return path.is_file() and read_manifest(stage_dir).get("complete") is True
 
 
+class ShardedCheckpoints:
+    """The trainer's checkpoint methods for a model that `distributed.shard` spread over the processes.
+
+    Every process gathers the whole adapter and optimizer state from the shards; the main process writes them
+    in the layout of an unsharded run (adapter_model.safetensors, optimizer.pt, scheduler.pt, and each process's
+    rng_state_N.pth by the trainer). On resume each process reads them whole and keeps its own part. Mixed in
+    before trl's trainer class by `trainer_class`.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        whole = {name: distributed.whole(p.detach()).cpu() for name, p in self.model.named_parameters()
+                 if p.requires_grad}
+        if self.args.should_save:
+            super()._save(output_dir, state_dict=whole)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer),
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, "optimizer.pt"))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+        saved = load_file(str(path))
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, key in self._saved_names(list(trainable)).items():
+                if key not in saved:
+                    raise FinetuneError(f"{path}: no tensor {key} for the trainable weight {name}; the checkpoint "
+                                        "is not from this recipe's adapter")
+                trainable[name].copy_(distributed.place_like(saved[key], trainable[name]))
+
+    def _saved_names(self, names: list[str]) -> dict[str, str]:
+        """Parameter name -> the name peft saves it under (adapter name taken out, router copies renamed), asked
+        of peft itself with a stand-in tensor per name."""
+        from peft import get_peft_model_state_dict
+
+        renamed = get_peft_model_state_dict(self.model, state_dict={n: torch.tensor(i) for i, n in enumerate(names)})
+        found = {names[int(index)]: key for key, index in renamed.items()}
+        if len(found) != len(names):
+            raise FinetuneError(f"peft saves no checkpoint tensor for {sorted(set(names) - set(found))[:3]}: "
+                                "they could not be restored on resume")
+        return found
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if checkpoint is None:
+            return
+        folder = Path(checkpoint)
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True) if self.args.should_save \
+            else {}
+        set_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def trainer_class(trainer: type) -> type:
+    """trl's trainer class, or under FSDP the same class with checkpoints that gather the shards."""
+    if not distributed.sharded():
+        return trainer
+    return type(f"Sharded{trainer.__name__}", (ShardedCheckpoints, trainer), {})
+
+
+def shard_trained_model(trainer) -> None:
+    """Under FSDP: shard the model now that the trainer is built (trl has copied DPO's reference adapter), and
+    tell the trainer the model is already distributed, so that it neither moves it nor wraps it in DDP (the
+    trainer's own flag for a model transformers sharded at load time; its gradient accumulation then defers
+    FSDP's gradient reduction to the last micro-batch)."""
+    distributed.shard(trainer.model)
+    trainer.is_distributed_loading_by_transformers = True
+
+
 def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Path, base_path: Path,
                       resume: bool, stop: StopSignal, build, **manifest_fields: Any) -> Path:
     """What every stage does around its trainer: dashboards open, build (given the callbacks), train or resume,
@@ -242,18 +327,25 @@ def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Pat
 
     with StageDashboards.open(recipe, kind, stage_dir) as dashboards:
         trainer, data = build(stage_callbacks(recipe, stage, stage_dir, dashboards))
+        if distributed.sharded():
+            shard_trained_model(trainer)
+        elif distributed.world_size() > 1:
+            distributed.skip_frozen_sync(trainer.model)
         train(trainer, stage_dir, resume, stop)
         final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
 
         adapter_dir = stage_dir / "adapter"
-        if distributed.is_main():  # the adapter is the same in every process; one writes it
-            models.save_adapter(trainer.model, adapter_dir)
-            trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
+        write = distributed.is_main()  # the adapter is the same in every process; one writes it
+        # a sharded model is gathered, and runs its forwards (routing drift), in every process at once
+        if write or distributed.sharded():
+            models.save_adapter(trainer.model, adapter_dir, write=write)
             routing = finish_stage(trainer, kind, stage_dir, dashboards, recipe.tracking.drift_examples,
-                                   recipe.data.max_seq_len)
+                                   recipe.data.max_seq_len, write=write)
+        if write:
+            trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))
             write_manifest(stage_dir, stage=kind, base_model=str(base_path), adapter=str(adapter_dir),
                            **manifest_fields, lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
                            examples=data, final_eval=final_eval, routing=routing,
-                           processes=distributed.world_size())
+                           processes=distributed.world_size(), sharded=distributed.sharded())
     distributed.barrier()  # the next stage reads this one's adapter
     return adapter_dir

@@ -13,7 +13,8 @@ from finetune import distributed
 from finetune import model as models
 from finetune.data.prepare import prepare_dpo
 from finetune.recipe.schema import DPOStage, Recipe
-from finetune.stages.common import MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_kwargs
+from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_class,
+                                    trainer_kwargs)
 
 
 def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
@@ -40,7 +41,7 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
     args = DPOConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                         "beta": stage.beta, "loss_type": [stage.loss_type], **prepared.trainer_kwargs})
     with models.fp32_adapter_weights(model):
-        trainer = DPOTrainer(
+        trainer = trainer_class(DPOTrainer)(
             model=model,
             args=args,
             train_dataset=train_rows,

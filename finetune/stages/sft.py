@@ -8,7 +8,8 @@ from finetune import distributed
 from finetune import model as models
 from finetune.data.prepare import prepare_sft
 from finetune.recipe.schema import Recipe, SFTStage
-from finetune.stages.common import MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_kwargs
+from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_class,
+                                    trainer_kwargs)
 
 
 def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
@@ -32,7 +33,7 @@ def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenize
     args = SFTConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                         "completion_only_loss": True, **prepared.trainer_kwargs})
     with models.fp32_adapter_weights(model):
-        trainer = SFTTrainer(
+        trainer = trainer_class(SFTTrainer)(
             model=model,
             args=args,
             train_dataset=train_rows,

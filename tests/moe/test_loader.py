@@ -55,7 +55,7 @@ def _bytes(tensors) -> int:
 
 def test_report_counts_the_actual_tensors(tiny_path):
     model, report = load_mixtral(tiny_path, quant="nf4", compute_dtype=torch.bfloat16)
-    experts = _bytes(b for layer in model.model.layers for b in layer.mlp.experts.buffers())
+    experts = _bytes(t for layer in model.model.layers for t in (*layer.mlp.experts.parameters(), *layer.mlp.experts.buffers()))
     attention = 0
     for layer in model.model.layers:
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):

@@ -51,8 +51,18 @@ def test_forward_close_to_the_unquantized_experts():
     assert torch.equal(q.gate_up_proj.dequantize_expert(3, torch.float32), q.gate_up_proj.dequantize(torch.float32)[3])
 
 
-def test_holds_packed_4bit_and_no_parameters():
+def test_holds_packed_4bit_frozen_and_out_of_the_state_dict():
     q = QuantizedExperts(torch.randn(8, 256, 64), torch.randn(8, 64, 128), act_fn=torch.nn.functional.silu)
-    assert list(q.parameters()) == []
+    assert not any(p.requires_grad for p in q.parameters())
+    # parameters so that FSDP shards them: the packed bytes and the block scales of both stacks
+    assert sorted(n for n, _ in q.named_parameters()) == [
+        "down_proj.absmax", "down_proj.data", "gate_up_proj.absmax", "gate_up_proj.data"]
     assert q.gate_up_proj.data.dtype == torch.uint8
     assert q.gate_up_proj.data.numel() == 8 * 256 * 64 // 2
+    # rebuilt from the base checkpoint, never saved: neither a trainer checkpoint nor an adapter carries it
+    assert q.state_dict() == {}
+    assert q.load_state_dict({}).missing_keys == []
+    before = q.gate_up_proj.dequantize(torch.float32)
+    q.to(torch.bfloat16)  # a model-wide dtype cast leaves the packed bytes alone
+    assert q.gate_up_proj.data.dtype == torch.uint8
+    assert torch.equal(q.gate_up_proj.dequantize(torch.float32), before)
