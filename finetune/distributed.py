@@ -57,6 +57,10 @@ def refuse_unsupported_launch(environ: dict[str, str] | None = None) -> None:
     if environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
         problems.append("fsdp_config.fsdp_offload_params: true is not supported (the expert kernel reads the 4-bit "
                         "stacks on the GPU)")
+    if environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "true":
+        problems.append(f"fsdp_config.fsdp_reshard_after_forward is {environ['FSDP_RESHARD_AFTER_FORWARD']}: only "
+                        "true is supported (a layer left gathered after a forward without gradients, such as DPO's "
+                        "reference pass or evaluation, stays whole until the next backward: every layer at once)")
     if environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
         problems.append("fsdp_config.fsdp_activation_checkpointing: true is not supported; the recipe's "
                         "stages.N.gradient_checkpointing decides, under every launcher")
@@ -71,8 +75,9 @@ def start(device: str) -> None:
     An FSDP launch is taken over here: `shard` applies FSDP2 to the model itself, and accelerate must not wrap
     it again, so the trainer's accelerator is not told (ACCELERATE_USE_FSDP is cleared for this process)."""
     refuse_unsupported_launch()
+    os.environ.pop(SHARDED_ENV, None)  # only this launch decides, not an inherited environment
     if os.environ.pop("ACCELERATE_USE_FSDP", "").lower() == "true":
-        os.environ[SHARDED_ENV] = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+        os.environ[SHARDED_ENV] = "1"
     if world_size() == 1:
         return
     from accelerate import PartialState
@@ -130,21 +135,23 @@ def place_like(full, param):
 
 def shard(model) -> None:
     """FSDP2 over the processes, in place: each decoder layer is one unit (its 4-bit stacks, attention and LoRA
-    gathered for that layer's forward and backward only), the rest (embeddings, final norm, head) the root's.
+    gathered for that layer's forward, released after it, gathered again for its backward), the rest
+    (embeddings, final norm, head) the root's, kept whole through the step.
 
     Every parameter becomes a DTensor holding 1/N of it, the packed uint8 expert stacks included (FSDP2 gathers
     a mixed-dtype unit as bytes). Call it after the trainer is built (trl copies DPO's reference adapter first)
-    and before it trains; the trainer then neither places nor wraps the model (see `hand_to_trainer`)."""
+    and before it trains."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
     from finetune.moe import QuantizedExperts
 
-    reshard = os.environ[SHARDED_ENV] == "true"
-    layers = [m for m in model.modules() if isinstance(m, MixtralDecoderLayer)]
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=False)  # the root's parameters are needed at once by the backward
+    # the model's own device: without a mesh FSDP2 would pick the machine's accelerator, even for a CPU run
+    mesh = init_device_mesh(local(next(model.parameters())).device.type, (world_size(),))
+    for layer in [m for m in model.modules() if isinstance(m, MixtralDecoderLayer)]:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the root's weights are needed again at once
     experts = [p for m in model.modules() if isinstance(m, QuantizedExperts) for p in m.parameters()]
     if is_main():
         print(f"[distributed] FSDP2 over {world_size()} processes: this one holds {_mib(experts, local)} of the "

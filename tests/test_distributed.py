@@ -1,7 +1,7 @@
 """Several processes, one recipe: real `accelerate launch` runs of two CPU processes over gloo.
 
-The same recipe (global batch 2 x 2) runs once in one process (accumulating 2 micro-batches) and twice in two
-processes (each taking 1 micro-batch of every step): data parallel (cpu_ddp.yaml, each process holding the whole
+The same recipe (global batch 1 x 4) runs once in one process (accumulating 4 micro-batches) and twice in two
+processes (each accumulating 2 micro-batches of every step): data parallel (cpu_ddp.yaml, each process holding the whole
 model) and sharded (cpu_fsdp.yaml, FSDP2: each process holding half of every weight). All must log the same loss
 curve: the processes see between them exactly the examples the single process sees, and the trainer averages the
 loss over the global batch's tokens. A two-process run killed with SIGKILL mid-SFT and resumed under the same
@@ -11,6 +11,7 @@ launch must end with the adapters of its uninterrupted twin.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,8 +32,9 @@ CONFIGS = {"two": REPO / "accelerate_configs" / "cpu_ddp.yaml", "fsdp": REPO / "
 # Loss and grad norm may differ by float summation order only (one process sums two micro-batches' gradients,
 # two processes all-reduce them).
 RELATIVE_TOLERANCE = 1e-4
-SFT = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "save_steps": 2}
-DPO = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "save_steps": 2}
+# each of two processes accumulates two micro-batches of every step: gradient synchronisation waits for the second
+SFT = {"max_steps": 4, "batch_size": 1, "grad_accum": 4, "save_steps": 2}
+DPO = {"max_steps": 4, "batch_size": 1, "grad_accum": 4, "save_steps": 2}
 
 
 def free_port() -> int:
@@ -195,11 +197,34 @@ def test_resume_under_two_processes_after_a_kill(runs, launch):
         assert worst <= 1e-6, f"{stage}: resumed adapter differs by {worst}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_by, resumed_by", [("two", "fsdp"), ("fsdp", "two")])
+def test_a_checkpoint_resumes_under_the_other_launch(runs, saved_by, resumed_by):
+    """A sharded run's checkpoint holds what a data-parallel run's holds (whole adapters, the optimizer state keyed
+    as torch keys it), so SFT's checkpoint-2 of one launch continues under the other, and the run ends with the
+    other launch's adapters, within float summation order (measured: equal)."""
+    out = runs["root"] / f"{saved_by}-then-{resumed_by}"
+    checkpoint = runs[saved_by] / "sft" / "checkpoints" / "checkpoint-2"
+    shutil.copytree(checkpoint, out / "sft" / "checkpoints" / "checkpoint-2")
+    if saved_by == "fsdp":  # the frozen DPO reference adapter is saved whole too, as an unsharded run saves it
+        folder = runs[saved_by] / "dpo" / "checkpoints" / "checkpoint-2"
+        ref, trained = load_file(folder / "ref" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
+        assert ref.keys() == trained.keys() and all(t.abs().sum() > 0 for t in ref.values())
+    resumed = launch_recipe(runs["recipe"], out, runs["cache"], "--resume", launch=resumed_by)
+    output = resumed.stdout + resumed.stderr
+    assert output.count(f"[resume] continuing from {out / 'sft' / 'checkpoints' / 'checkpoint-2'}") == 2
+    assert sorted(losses(out, "sft")) == [3, 4]  # continued, not started over
+    for stage in ("sft", "dpo"):
+        expected, got = adapter(runs[resumed_by], stage), adapter(out, stage)
+        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-5
+
+
 def test_fsdp_sharded_step_equals_the_unsharded_step(tmp_path):
     """tests/fsdp_worker.py in two real processes: the tiny 4-bit model with LoRA on attention and every expert,
-    gradient checkpointing on, sharded by `finetune.distributed.shard`, each process on half of a batch; the loss
-    and every LoRA gradient equal one unsharded process's on the whole batch; the whole 4-bit stacks are released,
-    each process keeping half of their bytes."""
+    gradient checkpointing on, sharded by `finetune.distributed.shard`, each process on half of a batch in two
+    micro-batches; the loss and every LoRA gradient equal one unsharded process's on the whole batch, and no
+    gradient is reduced before the last micro-batch; the whole 4-bit stacks are released, each process keeping half
+    of their bytes."""
     from finetune.moe import build_tiny_mixtral
 
     base = build_tiny_mixtral(tmp_path / "base", seed=3)
@@ -212,8 +237,26 @@ def test_fsdp_sharded_step_equals_the_unsharded_step(tmp_path):
         assert seen["loss"] == pytest.approx(seen["reference_loss"], rel=1e-5)
         assert seen["gradients"] == 2 * (8 + 6)  # per layer, A and B of: q, k, v, o; the experts' w1, w3, w2
         assert seen["worst_gradient_difference"] <= 1e-5
+        assert seen["gradients_waited_for_the_last_micro_batch"]
         assert seen["whole_stacks_released"]
         assert seen["expert_bytes_held"] == seen["expert_bytes_whole"] // 2
+
+
+def test_data_parallel_leaves_the_frozen_weights_out_of_its_first_broadcast(tmp_path):
+    """DDP reads the names to ignore from the model when it wraps it: every frozen weight (4-bit stacks included),
+    no trainable one."""
+    from peft import get_peft_model
+
+    from finetune.distributed import skip_frozen_sync
+    from finetune.moe import build_lora_config, build_tiny_mixtral, load_mixtral
+
+    model, _ = load_mixtral(build_tiny_mixtral(tmp_path / "base"), quant="nf4", compute_dtype=torch.float32)
+    model = get_peft_model(model, build_lora_config(r=4, alpha=8, dropout=0.0))
+    skip_frozen_sync(model)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    params = dict(model.named_parameters())
+    assert ignored == {name for name, p in params.items() if not p.requires_grad}
+    assert any(name.endswith("experts.base_layer.gate_up_proj.data") for name in ignored)
 
 
 def test_the_global_batch_is_split_by_accumulation():
@@ -232,6 +275,7 @@ def test_unsupported_launch_settings_are_refused_with_the_reason():
         refuse_unsupported_launch({"ACCELERATE_USE_DEEPSPEED": "true"})
     for settings, named in (({"FSDP_VERSION": "1"}, r"fsdp_config\.fsdp_version is 1: only 2"),
                             ({"FSDP_OFFLOAD_PARAMS": "true"}, r"fsdp_config\.fsdp_offload_params"),
+                            ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, r"fsdp_config\.fsdp_reshard_after_forward is false"),
                             ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, r"fsdp_config\.fsdp_activation_checkpointing.*"
                                                                         r"gradient_checkpointing")):
         with pytest.raises(FinetuneError, match=named):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -234,18 +235,33 @@ def stage_finished(stage_dir: Path) -> bool:
     return path.is_file() and read_manifest(stage_dir).get("complete") is True
 
 
-class ShardedCheckpoints:
-    """The trainer's checkpoint methods for a model that `distributed.shard` spread over the processes.
+class ShardedModelTrainer:
+    """The trainer methods that differ for a model `distributed.shard` spread over the processes: gradient
+    accumulation and checkpoints. Mixed in before trl's trainer class by `trainer_class`.
 
-    Every process gathers the whole adapter and optimizer state from the shards; the main process writes them
-    in the layout of an unsharded run (adapter_model.safetensors, optimizer.pt, scheduler.pt, and each process's
-    rng_state_N.pth by the trainer). On resume each process reads them whole and keeps its own part. Mixed in
-    before trl's trainer class by `trainer_class`.
+    The trainer sees an FSDP2 model it did not wrap, as one transformers sharded at load time, and its gradient
+    accumulation keeps the gradients unreduced until the last micro-batch of a step (`_defer_fsdp_gradient_reduction`,
+    whose own version asks the model's config for transformers' sharding settings, which ours does not have).
+
+    Every process gathers the whole adapters (DPO's frozen reference too) and optimizer state from the shards;
+    the main process writes them in the layout of an unsharded run (adapter_model.safetensors, optimizer.pt keyed
+    as torch's own `optimizer.state_dict()`, scheduler.pt, and each process's rng_state_N.pth by the trainer), so a
+    checkpoint resumes under the other launcher too. On resume each process reads the trained adapter and the
+    optimizer state whole and keeps its own part.
     """
 
+    @contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        adapters = tuple(f".{name}." for name in self.model.peft_config)
         whole = {name: distributed.whole(p.detach()).cpu() for name, p in self.model.named_parameters()
-                 if p.requires_grad}
+                 if any(tag in name for tag in adapters)}
         if self.args.should_save:
             super()._save(output_dir, state_dict=whole)
 
@@ -255,7 +271,7 @@ class ShardedCheckpoints:
         state = get_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer),
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.args.should_save:
-            torch.save(state, os.path.join(output_dir, "optimizer.pt"))
+            torch.save(_keyed_by_position(state), os.path.join(output_dir, "optimizer.pt"))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -288,10 +304,12 @@ class ShardedCheckpoints:
 
         if checkpoint is None:
             return
-        folder = Path(checkpoint)
-        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True) if self.args.should_save \
-            else {}
-        set_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), state,
+        folder, optimizer = Path(checkpoint), _torch_optimizer(self.optimizer)
+        state = {}
+        if self.args.should_save:  # read by the main process, sent to the others in parts
+            state = _keyed_by_name(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+                                   optimizer, self.model)
+        set_optimizer_state_dict(self.model, optimizer, state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
@@ -301,18 +319,35 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _keyed_by_position(state: dict) -> dict:
+    """torch.distributed.checkpoint keys the optimizer state by parameter name; torch's `optimizer.state_dict()`,
+    which an unsharded run saves, by position over the parameter groups. The positions, so that both load both."""
+    position = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
+    return {"state": {position[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [position[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def _keyed_by_name(state: dict, optimizer, model) -> dict:
+    """The inverse of `_keyed_by_position`, the names taken from the optimizer's parameters in the model."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
 def trainer_class(trainer: type) -> type:
-    """trl's trainer class, or under FSDP the same class with checkpoints that gather the shards."""
+    """trl's trainer class, or under FSDP the same class with `ShardedModelTrainer`'s methods."""
     if not distributed.sharded():
         return trainer
-    return type(f"Sharded{trainer.__name__}", (ShardedCheckpoints, trainer), {})
+    return type(f"Sharded{trainer.__name__}", (ShardedModelTrainer, trainer), {})
 
 
 def shard_trained_model(trainer) -> None:
     """Under FSDP: shard the model now that the trainer is built (trl has copied DPO's reference adapter), and
     tell the trainer the model is already distributed, so that it neither moves it nor wraps it in DDP (the
-    trainer's own flag for a model transformers sharded at load time; its gradient accumulation then defers
-    FSDP's gradient reduction to the last micro-batch)."""
+    trainer's own flag for a model transformers sharded at load time)."""
     distributed.shard(trainer.model)
     trainer.is_distributed_loading_by_transformers = True
 

@@ -51,8 +51,10 @@ def test_forward_close_to_the_unquantized_experts():
     assert torch.equal(q.gate_up_proj.dequantize_expert(3, torch.float32), q.gate_up_proj.dequantize(torch.float32)[3])
 
 
-def test_holds_packed_4bit_frozen_and_out_of_the_state_dict():
-    q = QuantizedExperts(torch.randn(8, 256, 64), torch.randn(8, 64, 128), act_fn=torch.nn.functional.silu)
+@pytest.mark.parametrize("double_quant", [True, False])  # block scales in uint8, or in float32
+def test_holds_packed_4bit_frozen_and_out_of_the_state_dict(double_quant):
+    q = QuantizedExperts(torch.randn(8, 256, 64), torch.randn(8, 64, 128), act_fn=torch.nn.functional.silu,
+                         double_quant=double_quant)
     assert not any(p.requires_grad for p in q.parameters())
     # parameters so that FSDP shards them: the packed bytes and the block scales of both stacks
     assert sorted(n for n, _ in q.named_parameters()) == [
