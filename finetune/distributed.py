@@ -39,13 +39,13 @@ SHARDED_ENV = "FINETUNE_FSDP"  # set by `start` for this process when the launch
 
 
 def refuse_unsupported_launch(environ: dict[str, str] | None = None) -> None:
-    """DeepSpeed (any ZeRO stage) and FSDP version 1 are refused; FSDP version 2 is what `shard` does.
-    Say what works instead."""
+    """DeepSpeed (any ZeRO stage) is refused, and FSDP settings other than what `shard` does (FSDP2, each layer
+    resharded after its forward). Say what works instead."""
     environ = os.environ if environ is None else environ
     if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise FinetuneError(
-            "DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) is not supported: ZeRO-3 would partition the 4-bit "
-            "expert stacks without knowing how our grouped kernel reads them, and ZeRO-1/-2 have not been tried. "
+            "DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) is not supported: checkpoints, the adapter export and "
+            "the NaN guard have no ZeRO variant here, and accelerate runs DeepSpeed on GPUs only, so it is untested. "
             "Use accelerate_configs/fsdp_qlora.yaml to shard the 4-bit model over the GPUs, or "
             "accelerate_configs/multi_gpu.yaml (each GPU holds the whole 4-bit model, about 23 GiB for Mixtral-8x7B)")
     if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":

@@ -31,10 +31,10 @@ def _export_views(peft_model: nn.Module, adapter: str, whole=None) -> dict[str, 
     views: dict[str, torch.Tensor] = {}
     tag = f".{adapter}."
     for name, p in peft_model.named_parameters():
-        if tag in name and whole is not None:
-            p = whole(p)
         if tag not in name:
             continue
+        if whole is not None:
+            p = whole(p)
         if m := re.fullmatch(rf"(.*)\.mlp\.experts\.(lora_[AB])\.{re.escape(adapter)}\.(w[123])", name):
             for e in range(p.shape[0]):
                 views[f"{m[1]}.block_sparse_moe.experts.{e}.{m[3]}.{m[2]}.weight"] = p[e]

@@ -34,7 +34,7 @@ class Packed4bitStack(nn.Module):
     The packed data and the block scales (the bulk: about 95% of Mixtral's bytes) are frozen parameters, not
     buffers, so FSDP2 shards them like any other weight: each process holds 1/N of them between layers and
     the layer's forward and backward see them whole (FSDP2 gathers mixed-dtype groups as bytes, so uint8 needs
-    no float disguise, and `.to(dtype)` leaves uint8 alone). The two small codebooks stay buffers. None of it
+    no float disguise, and `.to(dtype)` leaves uint8 alone). The small codebooks stay buffers. None of it
     is in `state_dict()`: the stack is rebuilt from the base checkpoint, never saved with an adapter or a
     trainer checkpoint.
     """
