@@ -283,16 +283,17 @@ def test_unsupported_launch_settings_are_refused_with_the_reason():
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs):
+@pytest.mark.parametrize("launch", ["two", "fsdp"])
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs, launch):
     """SIGTERM reaching only the second process (a scheduler's signal lands in the processes at different times)
     still stops both at the end of the same step, with one complete checkpoint there and nothing after the stage."""
-    out = runs["root"] / "terminated"
+    out = runs["root"] / f"terminated-{launch}"
 
     def terminate_the_second_process(launcher: subprocess.Popen) -> None:
         (worker,) = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
         worker.send_signal(signal.SIGTERM)
 
-    code, seen = launch_until(runs, out, "[trace] sft step 1 done", terminate_the_second_process)
+    code, seen = launch_until(runs, out, "[trace] sft step 1 done", terminate_the_second_process, launch=launch)
     assert code != 0
     # both processes, the same step (their two messages can share a line of the joint output)
     stopped = [step for line in seen for step in re.findall(r"error: stopped by SIGTERM at step (\d+) ", line)]
@@ -300,3 +301,20 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ru
     step = int(stopped[0])
     assert (out / "sft" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert not (out / "sft" / "manifest.json").exists() and not (out / "dpo").exists()
+
+
+@pytest.mark.slow
+def test_sharded_nan_gradients_stop_every_process_before_the_optimizer_step(runs):
+    """Each process checks its own part of the gradients, then they agree: both stop at the same step, before it
+    updates anything, naming the last checkpoint, whose (gathered) adapter is finite."""
+    out = runs["root"] / "nan-fsdp"
+    done = subprocess.run(launch_command(runs["recipe"], out, "stages.0.learning_rate=1.0e30", "stages.0.save_steps=1",
+                                         launch="fsdp"),
+                          capture_output=True, text=True, cwd=REPO, env=child_env(runs["cache"]), timeout=900)
+    assert done.returncode != 0
+    messages = re.findall(r"error: (step \d+): the loss or gradients are NaN/inf .*?Last checkpoint: (\S+?checkpoint-\d+)",
+                          done.stderr)
+    assert len(messages) == 2 and len(set(messages)) == 1, done.stderr[-3000:]
+    step, last = messages[0]
+    assert Path(last) == out / "sft" / "checkpoints" / f"checkpoint-{int(step.split()[1]) - 1}"
+    assert all(torch.isfinite(t).all() for t in load_file(Path(last) / "adapter_model.safetensors").values())
