@@ -6,10 +6,13 @@ share of each batch; only the main process writes the run folder (checkpoints ar
 already saves from the main process alone, plus each process's RNG state). The process group is accelerate's
 `PartialState`, the same one the trainer uses: gloo on CPU, NCCL on CUDA.
 
-Two ways to spread the work: data parallel (DDP: every process holds the whole 4-bit model), or, when the
-launch asks for FSDP, `shard`: every process keeps 1/N of every weight, the 4-bit expert stacks included, and
-gathers one decoder layer at a time. The second is ours, not accelerate's (accelerate only shards on an
-accelerator, and would not know the 4-bit stacks), so it runs the same on CPU processes and on GPUs.
+Three ways to spread the work: data parallel (DDP: every process holds the whole 4-bit model); FSDP, `shard`:
+every process keeps 1/N of every weight, the 4-bit expert stacks included, and gathers one decoder layer at a time
+(ours, not accelerate's: accelerate only shards on an accelerator, and would not know the 4-bit stacks, so it runs
+the same on CPU processes and on GPUs); or DeepSpeed ZeRO-3, which accelerate and the trainer drive (`deepspeed`
+partitions every parameter, the uint8 stacks included, when the trainer starts; each MixtralSparseMoeBlock is one
+"leaf" gathered whole, so a process whose tokens skip an expert still joins that expert's gather). On CPU processes
+DeepSpeed runs over gloo (`start`).
 
 A recipe's global batch (`batch_size` x `grad_accum`) stays what it says whatever the number of processes:
 each process accumulates grad_accum / processes micro-batches.
@@ -36,20 +39,54 @@ def world_size() -> int:
 # prepares the data; NCCL's default of 10 minutes would end the run.
 WAIT_LIMIT = timedelta(hours=3)
 SHARDED_ENV = "FINETUNE_FSDP"  # set by `start` for this process when the launch asked for FSDP
+MOE_BLOCK = "MixtralSparseMoeBlock"  # what a ZeRO-3 launch must declare a leaf module
 
 
 def refuse_unsupported_launch(environ: dict[str, str] | None = None) -> None:
-    """DeepSpeed (any ZeRO stage) is refused, and FSDP settings other than what `shard` does (FSDP2, each layer
-    resharded after its forward). Say what works instead."""
+    """Launch settings other than what is built and tested here are refused, naming the accelerate config key and
+    what works instead: DeepSpeed other than ZeRO-3 with the MoE blocks as leaves, FSDP other than what `shard`
+    does (FSDP2, each layer resharded after its forward)."""
     environ = os.environ if environ is None else environ
+    problems = []
     if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise FinetuneError(
-            "DeepSpeed launch (ACCELERATE_USE_DEEPSPEED=true) is not supported: checkpoints, the adapter export and "
-            "the NaN guard have no ZeRO variant here, and accelerate runs DeepSpeed on GPUs only, so it is untested. "
-            "Use accelerate_configs/fsdp_qlora.yaml to shard the 4-bit model over the GPUs, or "
-            "accelerate_configs/multi_gpu.yaml (each GPU holds the whole 4-bit model, about 23 GiB for Mixtral-8x7B)")
-    if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
-        return
+        problems = _deepspeed_problems(environ)
+        config = "accelerate_configs/zero3_qlora.yaml"
+    elif environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        problems = _fsdp_problems(environ)
+        config = "accelerate_configs/fsdp_qlora.yaml"
+    if problems:
+        raise FinetuneError("the accelerate config asks for settings this toolkit does not support: "
+                            + "; ".join(problems) + f" (see {config})")
+
+
+def _deepspeed_problems(environ) -> list[str]:
+    problems = []
+    if "ACCELERATE_DEEPSPEED_CONFIG_FILE" in environ:
+        problems.append("deepspeed_config.deepspeed_config_file: a DeepSpeed JSON file is not supported; give "
+                        "zero_stage and the other settings in the accelerate config itself (optimizer, scheduler, "
+                        "precision and batch come from the recipe)")
+    stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if stage != "3":
+        problems.append(f"deepspeed_config.zero_stage is {stage}: only 3 is supported (stages 1 and 2 partition "
+                        "only the optimizer state and gradients, which for LoRA are tiny: use multi_gpu.yaml)")
+    for key, env in (("offload_param_device", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"),
+                     ("offload_optimizer_device", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")):
+        if environ.get(env, "none").lower() != "none":
+            problems.append(f"deepspeed_config.{key} is {environ[env]}: only none is supported (untested here; "
+                            "the LoRA optimizer state is a few hundred MB for Mixtral-8x7B)")
+    if environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
+        problems.append("deepspeed_config.zero3_init_flag: true is not supported (finetune builds the 4-bit model "
+                        "itself; ZeRO-3 partitions it when training starts)")
+    leaves = environ.get("ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES", "")
+    if MOE_BLOCK not in leaves.split(","):
+        problems.append(f"deepspeed_config.deepspeed_moe_layer_cls_names is {leaves or 'unset'}: it must name "
+                        f"{MOE_BLOCK}, so that ZeRO-3 gathers each MoE block's experts together (the 4-bit stacks "
+                        "are read by the block's own forward, and a process whose tokens skip an expert must still "
+                        "join its gather)")
+    return problems
+
+
+def _fsdp_problems(environ) -> list[str]:
     problems = []
     if environ.get("FSDP_VERSION", "1") != "2":
         problems.append(f"fsdp_config.fsdp_version is {environ.get('FSDP_VERSION', '1')}: only 2 (per-parameter "
@@ -64,9 +101,7 @@ def refuse_unsupported_launch(environ: dict[str, str] | None = None) -> None:
     if environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
         problems.append("fsdp_config.fsdp_activation_checkpointing: true is not supported; the recipe's "
                         "stages.N.gradient_checkpointing decides, under every launcher")
-    if problems:
-        raise FinetuneError("the accelerate config asks for FSDP settings this toolkit does not support: "
-                            + "; ".join(problems) + " (see accelerate_configs/fsdp_qlora.yaml)")
+    return problems
 
 
 def start(device: str) -> None:
@@ -86,16 +121,50 @@ def start(device: str) -> None:
         import torch
 
         torch.cuda.set_device(local_rank())
-    state = PartialState(cpu=device == "cpu", timeout=WAIT_LIMIT)
+    # accelerate starts DeepSpeed only for a process that is not "cpu"; on CPU processes it then takes gloo
+    cpu = device == "cpu" and not zero3()
+    state = PartialState(cpu=cpu, backend=backend(device), timeout=WAIT_LIMIT)
     if is_main():
-        mode = "FSDP2 (4-bit model sharded)" if sharded() else state.distributed_type.value
+        mode = {"fsdp": "FSDP2 (4-bit model sharded)", "zero3": "DeepSpeed ZeRO-3 (4-bit model partitioned)"}.get(
+            launch(), state.distributed_type.value)
         print(f"[distributed] {state.num_processes} processes, {mode} over {state.backend}; "
               "process 0 writes the run folder")
 
 
-def sharded() -> bool:
-    """True when this run shards its model over its processes (an FSDP launch of more than one, see `start`)."""
+def backend(device: str) -> str | None:
+    """The process group's backend when accelerate would not choose it: gloo for DeepSpeed on CPU processes."""
+    return "gloo" if device == "cpu" and zero3() else None
+
+
+def fsdp() -> bool:
+    """True when `shard` spreads the model over the processes (an FSDP launch of more than one, see `start`)."""
     return SHARDED_ENV in os.environ and world_size() > 1
+
+
+def zero3() -> bool:
+    """True under a DeepSpeed launch (ZeRO-3, the only stage `refuse_unsupported_launch` lets through)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def leave_zero3() -> None:
+    """After the last stage of a DeepSpeed launch: the trainer's arguments told transformers that ZeRO-3 is on, so
+    every later `from_pretrained` (the export's, in the main process alone) would partition the model it builds
+    over processes that have finished, and wait for them forever. Training is over: tell it ZeRO-3 is off."""
+    if zero3():
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def sharded() -> bool:
+    """True when every process holds only part of the weights (FSDP or ZeRO-3): each takes part in every gather,
+    the adapter export and the routing drift's forwards included."""
+    return fsdp() or zero3()
+
+
+def launch() -> str:
+    """How this run spreads its work: one, ddp, fsdp or zero3 (recorded in each stage's manifest)."""
+    return "zero3" if zero3() else "fsdp" if fsdp() else "ddp" if world_size() > 1 else "one"
 
 
 def skip_frozen_sync(model) -> None:
@@ -109,11 +178,19 @@ def skip_frozen_sync(model) -> None:
 
 
 def whole(tensor):
-    """The whole tensor of a sharded parameter or gradient (a collective: every process calls it, in the same
-    order); an unsharded tensor as it is."""
+    """The whole of a sharded parameter or gradient, detached (a collective: every process calls it, in the same
+    order): an FSDP DTensor's or a ZeRO-3 parameter's (a copy: DeepSpeed partitions it again); an unsharded
+    tensor as it is."""
     from torch.distributed.tensor import DTensor
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor()
+    if hasattr(tensor, "ds_id"):  # partitioned by DeepSpeed ZeRO-3
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    return tensor.detach()
 
 
 def local(tensor):
@@ -145,22 +222,38 @@ def shard(model) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
-    from finetune.moe import QuantizedExperts
-
     # the model's own device: without a mesh FSDP2 would pick the machine's accelerator, even for a CPU run
     mesh = init_device_mesh(local(next(model.parameters())).device.type, (world_size(),))
     for layer in [m for m in model.modules() if isinstance(m, MixtralDecoderLayer)]:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the root's weights are needed again at once
+    report_held(model, f"FSDP2 over {world_size()} processes")
+
+
+def report_held(model, how: str) -> None:
+    """The main process prints its part of the 4-bit expert stacks and of all parameters."""
+    from finetune.moe import QuantizedExperts
+
     experts = [p for m in model.modules() if isinstance(m, QuantizedExperts) for p in m.parameters()]
     if is_main():
-        print(f"[distributed] FSDP2 over {world_size()} processes: this one holds {_mib(experts, local)} of the "
-              f"{_mib(experts)} of 4-bit expert stacks, {_mib(model.parameters(), local)} of the "
-              f"{_mib(model.parameters())} of parameters")
+        print(f"[distributed] {how}: this one holds {_mib(experts, _held)} of the {_mib(experts, _whole)} of "
+              f"4-bit expert stacks, {_mib(model.parameters(), _held)} of the {_mib(model.parameters(), _whole)} of "
+              "parameters")
 
 
-def _mib(tensors, part=lambda t: t) -> str:
-    return f"{sum(part(t).numel() * t.element_size() for t in tensors) / 2**20:.3f} MiB"
+def _held(tensor) -> int:
+    """Elements of a parameter this process keeps: its FSDP shard, its ZeRO-3 partition, or all of it."""
+    if hasattr(tensor, "ds_tensor") and not getattr(tensor, "ds_persist", False):
+        return tensor.ds_tensor.numel()
+    return local(tensor).numel()
+
+
+def _whole(tensor) -> int:
+    return getattr(tensor, "ds_numel", None) or tensor.numel()
+
+
+def _mib(tensors, count) -> str:
+    return f"{sum(count(t) * t.element_size() for t in tensors) / 2**20:.3f} MiB"
 
 
 def _group_ready() -> bool:

@@ -79,6 +79,7 @@ def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
     if distributed.is_main():
         write_record(run_dir, record)
     stop.check("before the export")
+    distributed.leave_zero3()
     if not distributed.is_main():
         return record  # the export and the run record are the main process's
 

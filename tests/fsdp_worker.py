@@ -35,6 +35,7 @@ def build(base: Path):
             if "lora_B" in name:  # zero at init: a random B gives every LoRA weight a gradient
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()  # checkpointing applies in training mode only
     return peft_model
 
 

@@ -1,11 +1,12 @@
 """Several processes, one recipe: real `accelerate launch` runs of two CPU processes over gloo.
 
-The same recipe (global batch 1 x 4) runs once in one process (accumulating 4 micro-batches) and twice in two
+The same recipe (global batch 1 x 4) runs once in one process (accumulating 4 micro-batches) and three times in two
 processes (each accumulating 2 micro-batches of every step): data parallel (cpu_ddp.yaml, each process holding the whole
-model) and sharded (cpu_fsdp.yaml, FSDP2: each process holding half of every weight). All must log the same loss
-curve: the processes see between them exactly the examples the single process sees, and the trainer averages the
-loss over the global batch's tokens. A two-process run killed with SIGKILL mid-SFT and resumed under the same
-launch must end with the adapters of its uninterrupted twin.
+model), sharded (cpu_fsdp.yaml, FSDP2: each process holding half of every weight) and partitioned (cpu_zero3.yaml,
+DeepSpeed ZeRO-3, the same on DeepSpeed's side). All must log the same loss curve: the processes see between them
+exactly the examples the single process sees, and the trainer averages the loss over the global batch's tokens. A
+two-process run killed with SIGKILL mid-SFT and resumed under the same launch must end with the adapters of its
+uninterrupted twin.
 """
 
 import json
@@ -26,15 +27,19 @@ from safetensors.torch import load_file
 from finetune.data.cache import CACHE_ENV
 from finetune.distributed import accumulation_per_process, refuse_unsupported_launch
 from finetune.errors import FinetuneError
+from finetune.stages.common import checkpoint_to_resume
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"two": REPO / "accelerate_configs" / "cpu_ddp.yaml", "fsdp": REPO / "accelerate_configs" / "cpu_fsdp.yaml"}
+CONFIGS = {"two": REPO / "accelerate_configs" / "cpu_ddp.yaml", "fsdp": REPO / "accelerate_configs" / "cpu_fsdp.yaml",
+           "zero3": REPO / "accelerate_configs" / "cpu_zero3.yaml"}
+LAUNCHES = list(CONFIGS)
 # Loss and grad norm may differ by float summation order only (one process sums two micro-batches' gradients,
 # two processes all-reduce them).
 RELATIVE_TOLERANCE = 1e-4
-# each of two processes accumulates two micro-batches of every step: gradient synchronisation waits for the second
-SFT = {"max_steps": 4, "batch_size": 1, "grad_accum": 4, "save_steps": 2}
-DPO = {"max_steps": 4, "batch_size": 1, "grad_accum": 4, "save_steps": 2}
+# each of two processes accumulates two micro-batches of every step: gradient synchronisation waits for the second;
+# gradient checkpointing on, as in real recipes (a layer's recomputation gathers its shards again)
+SFT = {"max_steps": 4, "batch_size": 1, "grad_accum": 4, "save_steps": 2, "gradient_checkpointing": True}
+DPO = {"max_steps": 4, "batch_size": 1, "grad_accum": 4, "save_steps": 2, "gradient_checkpointing": True}
 
 
 def free_port() -> int:
@@ -85,48 +90,60 @@ def adapter(out: Path, stage: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_recipe):
-    """The two-process runs (data parallel, sharded) and the one-process run of the same recipe."""
+    """The two-process runs (data parallel, FSDP, ZeRO-3) and the one-process run of the same recipe."""
     root = tmp_path_factory.mktemp("distributed")
     recipe = tiny_recipe(root / "recipe.yaml", sft=SFT, dpo=DPO, tracking={"report_to": ["tensorboard"]})
     cache = root / "cache"
     two = launch_recipe(recipe, root / "two", cache)
     fsdp = launch_recipe(recipe, root / "fsdp", cache, launch="fsdp")
+    # and the export after it, in the main process alone once the others have finished
+    zero3 = launch_recipe(recipe, root / "zero3", cache, "export.merge=true", "export.dtype=float32", launch="zero3")
     one = subprocess.run([sys.executable, "-m", "finetune", "run", str(recipe), f"output_dir={root / 'one'}"],
                          capture_output=True, text=True, cwd=REPO, env=child_env(cache), timeout=900)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     return {"recipe": recipe, "cache": cache, "root": root, "two": root / "two", "one": root / "one",
-            "fsdp": root / "fsdp", "two_output": two.stdout + two.stderr, "fsdp_output": fsdp.stdout + fsdp.stderr}
+            "fsdp": root / "fsdp", "zero3": root / "zero3", "two_output": two.stdout + two.stderr,
+            "fsdp_output": fsdp.stdout + fsdp.stderr, "zero3_output": zero3.stdout + zero3.stderr}
 
 
 @pytest.mark.slow
 def test_two_processes_really_ran(runs):
     assert "[distributed] 2 processes, MULTI_CPU over gloo" in runs["two_output"]
     assert "[distributed] 2 processes, FSDP2 (4-bit model sharded) over gloo" in runs["fsdp_output"]
-    for launch, sharded in (("two", False), ("fsdp", True)):
+    assert "[distributed] 2 processes, DeepSpeed ZeRO-3 (4-bit model partitioned) over gloo" in runs["zero3_output"]
+    for launch, name, sharded in (("two", "ddp", False), ("fsdp", "fsdp", True), ("zero3", "zero3", True)):
         for stage in ("sft", "dpo"):
             manifest = json.loads((runs[launch] / stage / "manifest.json").read_text())
-            assert (manifest["processes"], manifest["sharded"]) == (2, sharded)
+            assert (manifest["processes"], manifest["launch"], manifest["sharded"]) == (2, name, sharded)
             checkpoint = runs[launch] / stage / "checkpoints" / "checkpoint-2"
             assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert "[export] verified: max |logit difference|" in runs["zero3_output"]
+    assert (runs["zero3"] / "export" / "config.json").is_file()
+    # DeepSpeed's own checkpoint: one partition of the optimizer state per process
+    zero = runs["zero3"] / "sft" / "checkpoints" / "checkpoint-2"
+    assert (zero / "latest").read_text() == "global_step2"
+    assert len(list((zero / "global_step2").glob("*optim_states.pt"))) == 2
     for stage in ("sft", "dpo"):
         manifest = json.loads((runs["one"] / stage / "manifest.json").read_text())
-        assert (manifest["processes"], manifest["sharded"]) == (1, False)
+        assert (manifest["processes"], manifest["launch"], manifest["sharded"]) == (1, "one", False)
 
 
 @pytest.mark.slow
-def test_fsdp_keeps_half_of_every_weight_in_each_process(runs):
+@pytest.mark.parametrize("launch, within", [("fsdp", 0.01), ("zero3", 0.05)])
+def test_sharding_keeps_half_of_every_weight_in_each_process(runs, launch, within):
     """Printed by the main process once its model is sharded, per stage: half of the 4-bit expert bytes, and
-    half of all parameters (give or take the padding of tensors whose first dimension is odd)."""
+    half of all parameters (give or take the padding of tensors whose first dimension is odd; ZeRO-3 also keeps
+    whole, in every process, the parameters below its persistence threshold: the tiny model's norms, small scales)."""
     held = re.findall(r"this one holds ([\d.]+) MiB of the ([\d.]+) MiB of 4-bit expert stacks, ([\d.]+) MiB of the "
-                      r"([\d.]+) MiB of parameters", runs["fsdp_output"])
+                      r"([\d.]+) MiB of parameters", runs[f"{launch}_output"])
     assert len(held) == 2  # SFT, DPO
     for experts, all_experts, params, all_params in (map(float, h) for h in held):
-        assert all_experts > 0.5 and experts == pytest.approx(all_experts / 2, rel=0.01)
-        assert params == pytest.approx(all_params / 2, rel=0.01)
+        assert all_experts > 0.5 and experts == pytest.approx(all_experts / 2, rel=within)
+        assert params == pytest.approx(all_params / 2, rel=within)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["two", "fsdp"])
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_processes_give_the_loss_curve_of_one(runs, stage, launch):
     one, two = losses(runs["one"], stage), losses(runs[launch], stage)
@@ -139,7 +156,7 @@ def test_two_processes_give_the_loss_curve_of_one(runs, stage, launch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["two", "fsdp"])
+@pytest.mark.parametrize("launch", LAUNCHES)
 def test_only_the_main_process_writes_the_run_folder(runs, launch):
     """One metrics line per logged step, one routing record per window, one dashboard run: not one per process."""
     for stage in ("sft", "dpo"):
@@ -157,7 +174,7 @@ def test_only_the_main_process_writes_the_run_folder(runs, launch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["two", "fsdp"])
+@pytest.mark.parametrize("launch", LAUNCHES)
 def test_router_statistics_count_every_process_tokens(runs, launch):
     """Each process routes its own micro-batch; the logged window covers both, as the single process's does."""
     for stage in ("sft", "dpo"):
@@ -169,12 +186,13 @@ def test_router_statistics_count_every_process_tokens(runs, launch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["two", "fsdp"])
+@pytest.mark.parametrize("launch", LAUNCHES)
 def test_resume_under_two_processes_after_a_kill(runs, launch):
     """SIGKILL every process of a two-process run once SFT's step 3 is done (checkpoint-2 is complete, step 4 not
     saved), resume it with two processes (SFT from its checkpoint, then DPO from the start, under --resume): the final
-    adapters equal those of the run that was never interrupted. Sharded, the checkpoint holds the adapter and the
-    optimizer state gathered whole, and each process takes its half back."""
+    adapters equal those of the run that was never interrupted. Under FSDP the checkpoint holds the adapter and the
+    optimizer state gathered whole, and each process takes its half back; under ZeRO-3 each process reads back its
+    own partition of DeepSpeed's checkpoint."""
     out = runs["root"] / f"killed-{launch}"
 
     def kill_every_process(launcher: subprocess.Popen) -> None:
@@ -270,20 +288,59 @@ def test_unsupported_launch_settings_are_refused_with_the_reason():
     fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     refuse_unsupported_launch(fsdp2)
     refuse_unsupported_launch({"ACCELERATE_USE_FSDP": "false", "ACCELERATE_USE_DEEPSPEED": "false"})
-    with pytest.raises(FinetuneError, match=r"DeepSpeed launch \(ACCELERATE_USE_DEEPSPEED=true\) is not supported.*"
-                                            r"fsdp_qlora\.yaml.*multi_gpu\.yaml"):
-        refuse_unsupported_launch({"ACCELERATE_USE_DEEPSPEED": "true"})
     for settings, named in (({"FSDP_VERSION": "1"}, r"fsdp_config\.fsdp_version is 1: only 2"),
                             ({"FSDP_OFFLOAD_PARAMS": "true"}, r"fsdp_config\.fsdp_offload_params"),
                             ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, r"fsdp_config\.fsdp_reshard_after_forward is false"),
                             ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, r"fsdp_config\.fsdp_activation_checkpointing.*"
                                                                         r"gradient_checkpointing")):
-        with pytest.raises(FinetuneError, match=named):
+        with pytest.raises(FinetuneError, match=named + r".*\(see accelerate_configs/fsdp_qlora\.yaml\)"):
             refuse_unsupported_launch({**fsdp2, **settings})
+    # what accelerate launch puts in the environment for cpu_zero3.yaml and zero3_qlora.yaml
+    zero3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+             "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false", "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES": "MixtralSparseMoeBlock"}
+    refuse_unsupported_launch(zero3)
+    for settings, named in (({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, r"deepspeed_config\.zero_stage is 2: only 3.*"
+                                                                        r"multi_gpu\.yaml"),
+                            ({"ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES": "MixtralDecoderLayer"},
+                             r"deepspeed_moe_layer_cls_names is MixtralDecoderLayer: it must name MixtralSparseMoeBlock"),
+                            ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, r"offload_param_device is cpu"),
+                            ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"}, r"offload_optimizer_device is nvme"),
+                            ({"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, r"zero3_init_flag: true"),
+                            ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, r"deepspeed_config_file")):
+        with pytest.raises(FinetuneError, match=named + r".*\(see accelerate_configs/zero3_qlora\.yaml\)"):
+            refuse_unsupported_launch({**zero3, **settings})
+    unset = {k: v for k, v in zero3.items() if k != "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES"}
+    with pytest.raises(FinetuneError, match=r"deepspeed_moe_layer_cls_names is unset"):
+        refuse_unsupported_launch(unset)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["two", "fsdp"])
+def test_deepspeed_and_the_other_launches_refuse_each_others_checkpoints(runs, monkeypatch):
+    """DeepSpeed resumes only its own checkpoints, with as many processes; the others (which share one layout)
+    refuse a DeepSpeed checkpoint. Either way `--resume` stops with the checkpoint named and deletes nothing."""
+    zero = runs["zero3"] / "sft"
+    data_parallel = runs["two"] / "sft"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("ACCELERATE_USE_DEEPSPEED", "FINETUNE_FSDP", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(FinetuneError, match=r"checkpoint-4 was written by a DeepSpeed launch"):
+        checkpoint_to_resume(zero, resume=True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(FinetuneError, match=r"checkpoint-4 was written without DeepSpeed \(optimizer\.pt\)"):
+        checkpoint_to_resume(data_parallel, resume=True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(FinetuneError, match=r"holds the ZeRO-3 partitions of 2 processes; DeepSpeed resumes them in 2 "
+                                            r"processes, not 4"):
+        checkpoint_to_resume(zero, resume=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert checkpoint_to_resume(zero, resume=True) == zero / "checkpoints" / "checkpoint-4"
+    for folder in (zero, data_parallel):
+        assert sorted(c.name for c in (folder / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", LAUNCHES)
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs, launch):
     """SIGTERM reaching only the second process (a scheduler's signal lands in the processes at different times)
     still stops both at the end of the same step, with one complete checkpoint there and nothing after the stage."""
@@ -304,12 +361,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ru
 
 
 @pytest.mark.slow
-def test_sharded_nan_gradients_stop_every_process_before_the_optimizer_step(runs):
-    """Each process checks its own part of the gradients, then they agree: both stop at the same step, before it
-    updates anything, naming the last checkpoint, whose (gathered) adapter is finite."""
-    out = runs["root"] / "nan-fsdp"
+@pytest.mark.parametrize("launch", ["fsdp", "zero3"])
+def test_sharded_nan_gradients_stop_every_process_before_the_optimizer_step(runs, launch):
+    """FSDP: each process checks its own part of the gradients, then they agree. ZeRO-3: DeepSpeed skips the step
+    (its gradient norm, taken over every process, is not finite) and the skip stops the run. Either way both
+    processes stop at the same step, before it updates anything, naming the last checkpoint, whose (gathered)
+    adapter is finite."""
+    out = runs["root"] / f"nan-{launch}"
     done = subprocess.run(launch_command(runs["recipe"], out, "stages.0.learning_rate=1.0e30", "stages.0.save_steps=1",
-                                         launch="fsdp"),
+                                         launch=launch),
                           capture_output=True, text=True, cwd=REPO, env=child_env(runs["cache"]), timeout=900)
     assert done.returncode != 0
     messages = re.findall(r"error: (step \d+): the loss or gradients are NaN/inf .*?Last checkpoint: (\S+?checkpoint-\d+)",

@@ -91,14 +91,14 @@ def save_adapter(peft_model: nn.Module, out_dir: str | Path, adapter_name: str =
                  write: bool = True) -> Path:
     """Write adapter_model.safetensors + adapter_config.json in the per-expert naming.
 
-    A model sharded over processes (FSDP2) is gathered first, by every process in the same order; only the
+    A model sharded over processes (FSDP2, ZeRO-3) is gathered first, by every process in the same order; only the
     process given `write` writes."""
     from safetensors.torch import save_file
 
     from finetune.distributed import whole
 
     out = Path(out_dir)
-    views = _export_views(peft_model, adapter_name, whole=lambda p: whole(p.detach()))
+    views = _export_views(peft_model, adapter_name, whole=whole)
     if not write:
         return out
     out.mkdir(parents=True, exist_ok=True)

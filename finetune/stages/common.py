@@ -57,7 +57,8 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         run_name=recipe.tracking.run_name,
         bf16=recipe.model.compute_dtype == "bfloat16" and device != "cpu",
         fp16=recipe.model.compute_dtype == "float16",
-        use_cpu=device == "cpu",
+        use_cpu=device == "cpu" and not distributed.zero3(),  # DeepSpeed's accelerator runs on CPU processes too
+        ddp_backend=distributed.backend(device),
         max_length=recipe.data.max_seq_len,
         router_aux_loss_coef=stage.router_aux_loss_coef,
         dataloader_num_workers=0,
@@ -164,17 +165,28 @@ class TrainingGuard(TrainerCallback):
             control.should_training_stop = True
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if distributed.zero3():  # DeepSpeed has taken or skipped the step already, inside the backward: see ZeroTrainer
+            return
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
         # a sharded run checks each process's part of the gradients, then agrees (the parts differ)
-        norms = torch._foreach_norm([distributed.local(p.grad) for _, p in params])
-        finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
-        if not (distributed.any_process(not finite) if distributed.sharded() else not finite):
-            return
-        bad = [n for (n, _), norm in zip(params, norms) if not torch.isfinite(norm)] or ["(in another process)"]
-        raise NonFiniteTraining(
-            f"step {state.global_step + 1}: the loss or gradients are NaN/inf ({len(bad)} tensors, e.g. {bad[0]}); "
-            f"stopped before the optimizer step. Last checkpoint: {last_complete_checkpoint(Path(args.output_dir))}"
-        )
+        refuse_non_finite([(n, distributed.local(p.grad)) for n, p in params], state.global_step + 1,
+                          Path(args.output_dir), agree=distributed.fsdp())
+
+
+def refuse_non_finite(grads: list[tuple[str, torch.Tensor]], step: int, checkpoints: Path, agree: bool) -> None:
+    """Raise NonFiniteTraining if a gradient is NaN or inf; with `agree`, in every process when in any (each
+    holding its own part of the gradients)."""
+    norms = torch._foreach_norm([g for _, g in grads]) if grads else []
+    finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+    if not (distributed.any_process(not finite) if agree else not finite):
+        return
+    bad = [n for (n, _), norm in zip(grads, norms) if not torch.isfinite(norm)] or ["(in another process)"]
+    raise non_finite(step, checkpoints, f"{len(bad)} tensors, e.g. {bad[0]}")
+
+
+def non_finite(step: int, checkpoints: Path, what: str) -> NonFiniteTraining:
+    return NonFiniteTraining(f"step {step}: the loss or gradients are NaN/inf ({what}); stopped before the "
+                             f"optimizer step. Last checkpoint: {last_complete_checkpoint(checkpoints)}")
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
@@ -196,8 +208,39 @@ def _is_complete(checkpoint: Path) -> bool:
         step = int(checkpoint.name.split("-")[1])
     except (OSError, ValueError):
         return False
-    needed = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-    return state.get("global_step") == step and all((checkpoint / n).is_file() for n in needed)
+    if state.get("global_step") != step:
+        return False
+    if _by_deepspeed(checkpoint):  # DeepSpeed's own folder (the trainer writes trainer_state.json after it)
+        tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()
+        return (checkpoint / "adapter_model.safetensors").is_file() and bool(_zero_shards(checkpoint / tag))
+    return all((checkpoint / n).is_file() for n in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"))
+
+
+def _by_deepspeed(checkpoint: Path) -> bool:
+    """A checkpoint of a DeepSpeed launch: the engine's folder global_stepN (model and optimizer partitions, one
+    per process), named by `latest`, instead of optimizer.pt."""
+    return (checkpoint / "latest").is_file()
+
+
+def _zero_shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def _resumable_here(checkpoint: Path) -> None:
+    """DeepSpeed resumes only its own checkpoints, written by as many processes; the other launches only theirs
+    (they share one layout). Refuse before training, naming the checkpoint."""
+    processes = distributed.world_size()
+    if _by_deepspeed(checkpoint) and not distributed.zero3():
+        raise FinetuneError(f"{checkpoint} was written by a DeepSpeed launch (its optimizer state is in DeepSpeed's "
+                            "partitions): resume it with the same DeepSpeed config and number of processes")
+    if distributed.zero3() and not _by_deepspeed(checkpoint):
+        raise FinetuneError(f"{checkpoint} was written without DeepSpeed (optimizer.pt): DeepSpeed resumes only its "
+                            "own checkpoints; resume it with the launch that wrote it (one process, DDP or FSDP)")
+    if distributed.zero3():
+        written = len(_zero_shards(checkpoint / (checkpoint / "latest").read_text(encoding="utf-8").strip()))
+        if written != processes:
+            raise FinetuneError(f"{checkpoint} holds the ZeRO-3 partitions of {written} processes; DeepSpeed "
+                                f"resumes them in {written} processes, not {processes}")
 
 
 def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
@@ -210,6 +253,8 @@ def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
                       key=lambda c: int(c.name.split("-")[1]))
     exact = [c for c in complete if _has_rng_states(c, distributed.world_size())]
     found = exact[-1] if exact else complete[-1] if complete else None
+    if found is not None:
+        _resumable_here(found)
     if found is not None and not exact:
         print(f"[resume] {found} holds the RNG states of another number of processes: the data order continues, "
               "dropout draws do not repeat exactly")
@@ -260,7 +305,7 @@ class ShardedModelTrainer:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         adapters = tuple(f".{name}." for name in self.model.peft_config)
-        whole = {name: distributed.whole(p.detach()).cpu() for name, p in self.model.named_parameters()
+        whole = {name: distributed.whole(p).cpu() for name, p in self.model.named_parameters()
                  if any(tag in name for tag in adapters)}
         if self.args.should_save:
             super()._save(output_dir, state_dict=whole)
@@ -337,11 +382,56 @@ def _keyed_by_name(state: dict, optimizer, model) -> dict:
                              for group in state["param_groups"]]}
 
 
+class ZeroTrainer:
+    """Under DeepSpeed ZeRO-3 the trainer, accelerate and DeepSpeed do the partitioning, the checkpoints
+    (adapter_model.safetensors gathered, DeepSpeed's own global_stepN folder for the optimizer) and their resume.
+
+    What differs is the NaN guard. accelerate takes DeepSpeed's optimizer step inside the backward, before any
+    trainer callback, and the gradients live in DeepSpeed's partitions. DeepSpeed itself skips a step whose
+    gradient norm (over every process) is NaN or inf, leaving the weights as they were, and counts it in
+    `skipped_steps`; training would go on with NaN losses. So a skipped step stops the run here, in every process
+    at once (they share the norm)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        skipped = self.model_wrapped.skipped_steps
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.model_wrapped.skipped_steps > skipped:
+            raise non_finite(self.state.global_step + 1, Path(self.args.output_dir),
+                             "DeepSpeed skipped the optimizer step")
+        return loss
+
+
 def trainer_class(trainer: type) -> type:
-    """trl's trainer class, or under FSDP the same class with `ShardedModelTrainer`'s methods."""
-    if not distributed.sharded():
-        return trainer
-    return type(f"Sharded{trainer.__name__}", (ShardedModelTrainer, trainer), {})
+    """trl's trainer class, or the same class with `ShardedModelTrainer`'s methods under FSDP, `ZeroTrainer`'s
+    under DeepSpeed."""
+    if distributed.fsdp():
+        return type(f"Sharded{trainer.__name__}", (ShardedModelTrainer, trainer), {})
+    if distributed.zero3():
+        return type(f"Zero{trainer.__name__}", (ZeroTrainer, trainer), {})
+    return trainer
+
+
+def keep_non_reentrant_checkpointing(trainer) -> None:
+    """trl turns a PEFT model's gradient checkpointing reentrant under ZeRO-3 (its workaround for frozen weights
+    found partitioned when a layer is recomputed, DeepSpeed issue 4332). For a Mixtral that loses a gradient:
+    reentrant checkpointing runs each layer's forward without autograd and returns only its hidden states, so the
+    router logits that the load-balancing loss is built from carry no gradient back through the layer (measured on
+    the tiny model: LoRA gradients 6e-4 off the unchecked ones). Non-reentrant checkpointing under ZeRO-3 with the
+    MoE blocks as leaves gives the unsharded gradients exactly (tests/test_distributed.py, with DeepSpeed 0.19.8),
+    so it is put back before training (the trainer enables checkpointing in `train`, from these arguments)."""
+    settings = trainer.args.activation_checkpointing_kwargs
+    if trainer.args.activation_checkpointing and settings is not None and settings.get("use_reentrant"):
+        settings["use_reentrant"] = False
+        if distributed.is_main():
+            print("[distributed] ZeRO-3: gradient checkpointing stays non-reentrant (reentrant, which trl asks for "
+                  "above, would drop the gradient of the router's load-balancing loss)")
+
+
+class PartitionReport(TrainerCallback):
+    """ZeRO-3 partitions the model as training starts: how much of it this process holds, printed once."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        distributed.report_held(model, f"DeepSpeed ZeRO-3 over {distributed.world_size()} processes")
 
 
 def shard_trained_model(trainer) -> None:
@@ -362,8 +452,11 @@ def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Pat
 
     with StageDashboards.open(recipe, kind, stage_dir) as dashboards:
         trainer, data = build(stage_callbacks(recipe, stage, stage_dir, dashboards))
-        if distributed.sharded():
+        if distributed.fsdp():
             shard_trained_model(trainer)
+        elif distributed.zero3():
+            trainer.add_callback(PartitionReport())
+            keep_non_reentrant_checkpointing(trainer)
         elif distributed.world_size() > 1:
             distributed.skip_frozen_sync(trainer.model)
         train(trainer, stage_dir, resume, stop)
@@ -381,6 +474,7 @@ def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Pat
             write_manifest(stage_dir, stage=kind, base_model=str(base_path), adapter=str(adapter_dir),
                            **manifest_fields, lora=recipe.lora.model_dump(), data_fingerprint=data.pop("fingerprint"),
                            examples=data, final_eval=final_eval, routing=routing,
-                           processes=distributed.world_size(), sharded=distributed.sharded())
+                           processes=distributed.world_size(), launch=distributed.launch(),
+                           sharded=distributed.sharded())
     distributed.barrier()  # the next stage reads this one's adapter
     return adapter_dir
