@@ -11,8 +11,8 @@ every process keeps 1/N of every weight, the 4-bit expert stacks included, and g
 (ours, not accelerate's: accelerate only shards on an accelerator, and would not know the 4-bit stacks, so it runs
 the same on CPU processes and on GPUs); or DeepSpeed ZeRO-3, which accelerate and the trainer drive (`deepspeed`
 partitions every parameter, the uint8 stacks included, when the trainer starts; each MixtralSparseMoeBlock is one
-"leaf" gathered whole, so a process whose tokens skip an expert still joins that expert's gather). On CPU processes
-DeepSpeed runs over gloo (`start`).
+"leaf", gathered whole as it starts in every process, whichever experts that process's tokens reach). On CPU
+processes DeepSpeed runs over gloo (`start`).
 
 A recipe's global batch (`batch_size` x `grad_accum`) stays what it says whatever the number of processes:
 each process accumulates grad_accum / processes micro-batches.
@@ -80,9 +80,9 @@ def _deepspeed_problems(environ) -> list[str]:
     leaves = environ.get("ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES", "")
     if MOE_BLOCK not in leaves.split(","):
         problems.append(f"deepspeed_config.deepspeed_moe_layer_cls_names is {leaves or 'unset'}: it must name "
-                        f"{MOE_BLOCK}, so that ZeRO-3 gathers each MoE block's experts together (the 4-bit stacks "
-                        "are read by the block's own forward, and a process whose tokens skip an expert must still "
-                        "join its gather)")
+                        f"{MOE_BLOCK}, so that ZeRO-3 gathers each MoE block (router, 4-bit stacks, expert LoRA) "
+                        "whole as it starts, in every process alike whichever experts its tokens reach, rather "
+                        "than one stack at a time as the block's code reads them")
     return problems
 
 

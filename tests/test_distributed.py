@@ -260,6 +260,41 @@ def test_fsdp_sharded_step_equals_the_unsharded_step(tmp_path):
         assert seen["expert_bytes_held"] == seen["expert_bytes_whole"] // 2
 
 
+def test_zero3_step_with_idle_experts_equals_the_unsharded_step(tmp_path):
+    """tests/zero3_worker.py in two real processes under DeepSpeed ZeRO-3, MoE blocks as leaves, every parameter
+    partitioned, gradient checkpointing on: one process trains on 2 tokens (most experts of each layer get none
+    of them), the other on 24. Both finish the step, with the loss of their own tokens and every LoRA gradient of
+    one unsharded process averaging both losses, each holding half of the 4-bit expert stacks."""
+    from finetune.moe import build_tiny_mixtral
+
+    base = build_tiny_mixtral(tmp_path / "base", seed=3)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(REPO / "tests" / "zero3_worker.py"), str(base), str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(idle >= 4 for idle in seen[1]["idle_experts_per_layer"])  # 2 tokens, top-2: at most 4 experts
+    assert max(seen[0]["idle_experts_per_layer"]) < min(seen[1]["idle_experts_per_layer"])
+    for result in seen:
+        assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-5)
+        assert result["gradients"] == 2 * (8 + 6)  # per layer, A and B of: q, k, v, o; the experts' w1, w3, w2
+        assert result["worst_gradient_difference"] <= 1e-5
+        assert result["expert_elements_held"] == result["expert_elements_whole"] // 2
+
+
+def test_a_non_finite_gradient_part_in_one_process_stops_every_process(tmp_path):
+    """Sharded, each process checks only its part of the gradients: a NaN in one process's part stops both (the
+    other names no tensor: the NaN is not in its part)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(REPO / "tests" / "guard_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    raised = [json.loads((tmp_path / f"rank{rank}.json").read_text())["raised"] for rank in (0, 1)]
+    assert raised[0].startswith("step 5: the loss or gradients are NaN/inf (in another process's part of the "
+                                "gradients); stopped before the optimizer step")
+    assert raised[1].startswith("step 5: the loss or gradients are NaN/inf (1 tensors, e.g. layers.0.q_proj.lora_A)")
+
+
 def test_data_parallel_leaves_the_frozen_weights_out_of_its_first_broadcast(tmp_path):
     """DDP reads the names to ignore from the model when it wraps it: every frozen weight (4-bit stacks included),
     no trainable one."""

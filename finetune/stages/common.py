@@ -180,8 +180,9 @@ def refuse_non_finite(grads: list[tuple[str, torch.Tensor]], step: int, checkpoi
     finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
     if not (distributed.any_process(not finite) if agree else not finite):
         return
-    bad = [n for (n, _), norm in zip(grads, norms) if not torch.isfinite(norm)] or ["(in another process)"]
-    raise non_finite(step, checkpoints, f"{len(bad)} tensors, e.g. {bad[0]}")
+    bad = [n for (n, _), norm in zip(grads, norms) if not torch.isfinite(norm)]
+    raise non_finite(step, checkpoints, f"{len(bad)} tensors, e.g. {bad[0]}" if bad else
+                     "in another process's part of the gradients")
 
 
 def non_finite(step: int, checkpoints: Path, what: str) -> NonFiniteTraining:
