@@ -2,9 +2,10 @@
 
 `accelerate launch` (or torchrun) starts one process per device and tells each its rank in the environment
 (RANK, LOCAL_RANK, WORLD_SIZE). Every process loads its own 4-bit model on its own device and trains on its
-share of each batch; only the main process writes the run folder (checkpoints are the trainer's, which
-already saves from the main process alone, plus each process's RNG state). The process group is accelerate's
-`PartialState`, the same one the trainer uses: gloo on CPU, NCCL on CUDA.
+share of each batch; only the main process writes the run folder (checkpoints are the trainer's, which saves
+from the main process alone, plus each process's RNG state and, under DeepSpeed, each process's partition of the
+optimizer state). The process group is accelerate's `PartialState`, the same one the trainer uses: gloo on CPU,
+NCCL on CUDA.
 
 Three ways to spread the work: data parallel (DDP: every process holds the whole 4-bit model); FSDP, `shard`:
 every process keeps 1/N of every weight, the 4-bit expert stacks included, and gathers one decoder layer at a time
@@ -74,9 +75,10 @@ def _deepspeed_problems(environ) -> list[str]:
         if environ.get(env, "none").lower() != "none":
             problems.append(f"deepspeed_config.{key} is {environ[env]}: only none is supported (untested here; "
                             "the LoRA optimizer state is a few hundred MB for Mixtral-8x7B)")
-    if environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
-        problems.append("deepspeed_config.zero3_init_flag: true is not supported (finetune builds the 4-bit model "
-                        "itself; ZeRO-3 partitions it when training starts)")
+    zero_init = environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT")  # absent: accelerate turns it on for stage 3
+    if (zero_init or "true").lower() != "false":
+        problems.append(f"deepspeed_config.zero3_init_flag is {zero_init or 'unset (on for stage 3)'}: it must be "
+                        "false (finetune builds the 4-bit model itself; ZeRO-3 partitions it when training starts)")
     leaves = environ.get("ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES", "")
     if MOE_BLOCK not in leaves.split(","):
         problems.append(f"deepspeed_config.deepspeed_moe_layer_cls_names is {leaves or 'unset'}: it must name "
@@ -102,6 +104,26 @@ def _fsdp_problems(environ) -> list[str]:
         problems.append("fsdp_config.fsdp_activation_checkpointing: true is not supported; the recipe's "
                         "stages.N.gradient_checkpointing decides, under every launcher")
     return problems
+
+
+def refuse_unsupported_model(spec, device: str) -> None:
+    """Model settings a DeepSpeed launch cannot honour, refused before anything loads, naming the recipe key."""
+    if not zero3():
+        return
+    import torch
+
+    if device == "cpu" and torch.cuda.is_available():
+        raise FinetuneError("model.device: cpu under a DeepSpeed launch on a machine with a GPU: accelerate would "
+                            "start DeepSpeed on the GPU; set model.device: cuda (or auto), or launch CPU processes "
+                            "with accelerate_configs/cpu_ddp.yaml")
+    if spec.compute_dtype == "float16":
+        raise FinetuneError("model.compute_dtype: float16 under DeepSpeed is not supported: its loss scaling skips "
+                            "steps by design, which the NaN guard would take for non-finite gradients; use bfloat16")
+    quantized = spec.quantization
+    if spec.compute_dtype == "bfloat16" and device != "cpu" and quantized is not None and not quantized.double_quant:
+        raise FinetuneError("model.quantization.double_quant: false under DeepSpeed with bfloat16 is not supported: "
+                            "DeepSpeed's bf16 mode casts every floating-point parameter to bf16, the float32 block "
+                            "scales of the 4-bit experts included (with double_quant: true they are uint8)")
 
 
 def start(device: str) -> None:
@@ -179,13 +201,17 @@ def skip_frozen_sync(model) -> None:
 
 def whole(tensor):
     """The whole of a sharded parameter or gradient, detached (a collective: every process calls it, in the same
-    order): an FSDP DTensor's or a ZeRO-3 parameter's (a copy: DeepSpeed partitions it again); an unsharded
-    tensor as it is."""
+    order): an FSDP DTensor's, or a ZeRO-3 parameter's (a copy; for a trained one its fp32 master weights, which
+    DeepSpeed's bf16 mode keeps apart from the bf16 copy the model computes with); an unsharded tensor as it is."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
         return tensor.detach().full_tensor()
     if hasattr(tensor, "ds_id"):  # partitioned by DeepSpeed ZeRO-3
+        if tensor.requires_grad and getattr(tensor, "_z3_optimizer", None) is not None:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(tensor)
         from deepspeed.runtime.zero import GatheredParameters
 
         with GatheredParameters([tensor]):

@@ -30,14 +30,18 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     refuse_secrets(recipe.model_dump(mode="json"), "recipe")  # before anything is written or imported
     from finetune import distributed
     from finetune.model import resolve_device
-    from finetune.stages.common import StopSignal
+    from finetune.stages.common import StopSignal, refuse_unresumable, stage_finished
 
     for index, stage in enumerate(recipe.stages):  # a batch that cannot be split fails before anything loads
         distributed.accumulation_per_process(index, stage.batch_size, stage.grad_accum, distributed.world_size())
-    distributed.start(resolve_device(recipe.model))
+    device = resolve_device(recipe.model)
+    distributed.refuse_unsupported_model(recipe.model, device)
+    distributed.start(device)
     run_dir = recipe.run_dir
     with StopSignal() as stop, disk_errors(run_dir):
         check_run_dir(recipe, resume, overwrite)
+        if resume and not overwrite:
+            refuse_unresumable([run_dir / s.type for s in recipe.stages if not stage_finished(run_dir / s.type)])
         distributed.barrier()  # every process has read the folder before the main process changes it
         if distributed.is_main():
             prepare_run_dir(recipe, overwrite)

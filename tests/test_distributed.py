@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from finetune.data.cache import CACHE_ENV
 from finetune.distributed import accumulation_per_process, refuse_unsupported_launch
 from finetune.errors import FinetuneError
-from finetune.stages.common import checkpoint_to_resume
+from finetune.stages.common import checkpoint_to_resume, refuse_unresumable
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"two": REPO / "accelerate_configs" / "cpu_ddp.yaml", "fsdp": REPO / "accelerate_configs" / "cpu_fsdp.yaml",
@@ -280,6 +280,7 @@ def test_zero3_step_with_idle_experts_equals_the_unsharded_step(tmp_path):
         assert result["gradients"] == 2 * (8 + 6)  # per layer, A and B of: q, k, v, o; the experts' w1, w3, w2
         assert result["worst_gradient_difference"] <= 1e-5
         assert result["expert_elements_held"] == result["expert_elements_whole"] // 2
+        assert result["export_reads_the_whole_weights"]
 
 
 def test_a_non_finite_gradient_part_in_one_process_stops_every_process(tmp_path):
@@ -341,13 +342,30 @@ def test_unsupported_launch_settings_are_refused_with_the_reason():
                              r"deepspeed_moe_layer_cls_names is MixtralDecoderLayer: it must name MixtralSparseMoeBlock"),
                             ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, r"offload_param_device is cpu"),
                             ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"}, r"offload_optimizer_device is nvme"),
-                            ({"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, r"zero3_init_flag: true"),
+                            ({"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, r"zero3_init_flag is true: it must be false"),
                             ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, r"deepspeed_config_file")):
         with pytest.raises(FinetuneError, match=named + r".*\(see accelerate_configs/zero3_qlora\.yaml\)"):
             refuse_unsupported_launch({**zero3, **settings})
     unset = {k: v for k, v in zero3.items() if k != "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES"}
     with pytest.raises(FinetuneError, match=r"deepspeed_moe_layer_cls_names is unset"):
         refuse_unsupported_launch(unset)
+
+
+def test_model_settings_deepspeed_cannot_honour_are_refused(monkeypatch):
+    from finetune.distributed import refuse_unsupported_model
+    from finetune.recipe.schema import ModelSpec
+
+    def spec(**settings):
+        return ModelSpec(name_or_path="tiny-mixtral", **settings)
+
+    refuse_unsupported_model(spec(compute_dtype="float16"), "cuda:0")  # not a DeepSpeed launch: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    refuse_unsupported_model(spec(), "cuda:0")
+    refuse_unsupported_model(spec(quantization={"double_quant": False}), "cpu")  # no bf16 mode on the CPU
+    with pytest.raises(FinetuneError, match=r"model\.compute_dtype: float16 under DeepSpeed"):
+        refuse_unsupported_model(spec(compute_dtype="float16"), "cuda:0")
+    with pytest.raises(FinetuneError, match=r"model\.quantization\.double_quant: false under DeepSpeed with bfloat16"):
+        refuse_unsupported_model(spec(quantization={"double_quant": False}), "cuda:0")
 
 
 @pytest.mark.slow
@@ -361,6 +379,8 @@ def test_deepspeed_and_the_other_launches_refuse_each_others_checkpoints(runs, m
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(FinetuneError, match=r"checkpoint-4 was written by a DeepSpeed launch"):
         checkpoint_to_resume(zero, resume=True)
+    with pytest.raises(FinetuneError, match=r"checkpoint-4 was written by a DeepSpeed launch"):
+        refuse_unresumable([zero])  # what `finetune run --resume` checks before loading anything
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(FinetuneError, match=r"checkpoint-4 was written without DeepSpeed \(optimizer\.pt\)"):
         checkpoint_to_resume(data_parallel, resume=True)

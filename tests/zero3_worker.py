@@ -16,9 +16,11 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.utils import safe_get_full_grad, set_z3_leaf_modules
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from finetune import distributed
 from finetune.moe import QuantizedExperts
 from finetune.telemetry import record_routing
 
@@ -58,12 +60,19 @@ def main(base: Path, out: Path) -> None:
             difference = ((got - want).abs().max() / want.abs().max()).item()
             worst = max(worst, difference if math.isfinite(difference) else math.inf)
     stacks = [p for m in engine.module.modules() if isinstance(m, QuantizedExperts) for p in m.parameters()]
+    # what the adapter export reads: the whole trained weights (DeepSpeed's fp32 masters), as gathered
+    exported = True
+    for p in trainable:
+        master = distributed.whole(p)
+        with GatheredParameters([p]):
+            exported &= master.dtype == torch.float32 and torch.equal(master, p.detach())
     result = {
         "loss": loss.item(),
         "reference_loss": reference[rank].item(),
         "idle_experts_per_layer": idle,
         "worst_gradient_difference": worst,
         "gradients": len(expected),
+        "export_reads_the_whole_weights": exported,
         "expert_elements_held": sum(p.ds_tensor.numel() for p in stacks),
         "expert_elements_whole": sum(p.ds_numel for p in stacks),
     }

@@ -212,8 +212,7 @@ def _is_complete(checkpoint: Path) -> bool:
     if state.get("global_step") != step:
         return False
     if _by_deepspeed(checkpoint):  # DeepSpeed's own folder (the trainer writes trainer_state.json after it)
-        tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()
-        return (checkpoint / "adapter_model.safetensors").is_file() and bool(_zero_shards(checkpoint / tag))
+        return (checkpoint / "adapter_model.safetensors").is_file() and _zero_partitions(checkpoint) > 0
     return all((checkpoint / n).is_file() for n in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"))
 
 
@@ -223,8 +222,13 @@ def _by_deepspeed(checkpoint: Path) -> bool:
     return (checkpoint / "latest").is_file()
 
 
-def _zero_shards(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+def _zero_partitions(checkpoint: Path) -> int:
+    """How many processes' partitions the DeepSpeed folder holds whole (model and optimizer state both); 0 when
+    they do not pair up."""
+    folder = checkpoint / (checkpoint / "latest").read_text(encoding="utf-8").strip()
+    optimizer = list(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+    model = list(folder.glob("zero_pp_rank_*_model_states.pt"))
+    return len(optimizer) if len(optimizer) == len(model) else 0
 
 
 def _resumable_here(checkpoint: Path) -> None:
@@ -238,10 +242,28 @@ def _resumable_here(checkpoint: Path) -> None:
         raise FinetuneError(f"{checkpoint} was written without DeepSpeed (optimizer.pt): DeepSpeed resumes only its "
                             "own checkpoints; resume it with the launch that wrote it (one process, DDP or FSDP)")
     if distributed.zero3():
-        written = len(_zero_shards(checkpoint / (checkpoint / "latest").read_text(encoding="utf-8").strip()))
+        written = _zero_partitions(checkpoint)
         if written != processes:
             raise FinetuneError(f"{checkpoint} holds the ZeRO-3 partitions of {written} processes; DeepSpeed "
                                 f"resumes them in {written} processes, not {processes}")
+
+
+def _resume_choice(checkpoints: Path) -> tuple[Path | None, bool]:
+    """The checkpoint --resume continues from (the newest complete one, preferring those holding this launch's
+    RNG states), and whether it holds them."""
+    complete = sorted((c for c in checkpoints.glob("checkpoint-*") if _is_complete(c)),
+                      key=lambda c: int(c.name.split("-")[1]))
+    exact = [c for c in complete if _has_rng_states(c, distributed.world_size())]
+    return (exact[-1] if exact else complete[-1] if complete else None), bool(exact)
+
+
+def refuse_unresumable(stage_dirs: list[Path]) -> None:
+    """Before anything loads: a stage's checkpoint that this launch cannot resume (`_resumable_here`) is refused
+    now, not after the base model and the data."""
+    for stage_dir in stage_dirs:
+        found, _ = _resume_choice(stage_dir / "checkpoints")
+        if found is not None:
+            _resumable_here(found)
 
 
 def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
@@ -250,10 +272,7 @@ def checkpoint_to_resume(stage_dir: Path, resume: bool) -> Path | None:
     if not resume:
         return None
     checkpoints = stage_dir / "checkpoints"
-    complete = sorted((c for c in checkpoints.glob("checkpoint-*") if _is_complete(c)),
-                      key=lambda c: int(c.name.split("-")[1]))
-    exact = [c for c in complete if _has_rng_states(c, distributed.world_size())]
-    found = exact[-1] if exact else complete[-1] if complete else None
+    found, exact = _resume_choice(checkpoints)
     if found is not None:
         _resumable_here(found)
     if found is not None and not exact:
@@ -413,16 +432,19 @@ def trainer_class(trainer: type) -> type:
 
 
 def keep_non_reentrant_checkpointing(trainer) -> None:
-    """trl turns a PEFT model's gradient checkpointing reentrant under ZeRO-3 (its workaround for frozen weights
-    found partitioned when a layer is recomputed, DeepSpeed issue 4332). For a Mixtral that loses a gradient:
-    reentrant checkpointing runs each layer's forward without autograd and returns only its hidden states, so the
-    router logits that the load-balancing loss is built from carry no gradient back through the layer (measured on
-    the tiny model: LoRA gradients 6e-4 off the unchecked ones). Non-reentrant checkpointing under ZeRO-3 with the
-    MoE blocks as leaves gives the unsharded gradients exactly (tests/test_distributed.py, with DeepSpeed 0.19.8),
-    so it is put back before training (the trainer enables checkpointing in `train`, from these arguments)."""
-    settings = trainer.args.activation_checkpointing_kwargs
-    if trainer.args.activation_checkpointing and settings is not None and settings.get("use_reentrant"):
+    """trl turns a PEFT model's gradient checkpointing reentrant under ZeRO-3, its workaround for frozen weights
+    found partitioned when a layer is recomputed (DeepSpeed issue 4332, which the DeepSpeed we pin handles itself:
+    `update_recompute_parameters`). For a Mixtral that loses a gradient: reentrant checkpointing runs each layer's
+    forward without autograd and returns only its hidden states, so the router logits that the load-balancing
+    loss is built from carry no gradient back through the layer (measured on the tiny model: LoRA gradients 6e-4
+    off the unchecked ones). Non-reentrant checkpointing under ZeRO-3 gives the unsharded gradients exactly
+    (tests/test_distributed.py), so it is put back before training: the trainer enables checkpointing in `train`
+    from these arguments, and DPO's reference pass reads them too."""
+    args = trainer.args
+    settings = dict(args.activation_checkpointing_kwargs or {})
+    if args.activation_checkpointing and settings.get("use_reentrant"):
         settings["use_reentrant"] = False
+        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = settings  # one is an alias
         if distributed.is_main():
             print("[distributed] ZeRO-3: gradient checkpointing stays non-reentrant (reentrant, which trl asks for "
                   "above, would drop the gradient of the router's load-balancing loss)")
