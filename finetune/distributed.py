@@ -143,14 +143,18 @@ def start(device: str) -> None:
         import torch
 
         torch.cuda.set_device(local_rank())
-    # accelerate starts DeepSpeed only for a process that is not "cpu"; on CPU processes it then takes gloo
-    cpu = device == "cpu" and not zero3()
-    state = PartialState(cpu=cpu, backend=backend(device), timeout=WAIT_LIMIT)
+    state = PartialState(cpu=cpu_state(device), backend=backend(device), timeout=WAIT_LIMIT)
     if is_main():
         mode = {"fsdp": "FSDP2 (4-bit model sharded)", "zero3": "DeepSpeed ZeRO-3 (4-bit model partitioned)"}.get(
             launch(), state.distributed_type.value)
         print(f"[distributed] {state.num_processes} processes, {mode} over {state.backend}; "
               "process 0 writes the run folder")
+
+
+def cpu_state(device: str) -> bool:
+    """Whether accelerate's state is told this process is a CPU one: not under DeepSpeed, which accelerate starts
+    only for a process that is not "cpu" (on CPU processes it then runs over gloo, see `backend`)."""
+    return device == "cpu" and not zero3()
 
 
 def backend(device: str) -> str | None:

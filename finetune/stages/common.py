@@ -57,7 +57,7 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         run_name=recipe.tracking.run_name,
         bf16=recipe.model.compute_dtype == "bfloat16" and device != "cpu",
         fp16=recipe.model.compute_dtype == "float16",
-        use_cpu=device == "cpu" and not distributed.zero3(),  # DeepSpeed's accelerator runs on CPU processes too
+        use_cpu=distributed.cpu_state(device),
         ddp_backend=distributed.backend(device),
         max_length=recipe.data.max_seq_len,
         router_aux_loss_coef=stage.router_aux_loss_coef,
