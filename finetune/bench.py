@@ -7,7 +7,7 @@
 Both paths: the model built directly in 4-bit (NF4, double quantization), LoRA r=16 (alpha 32) on q/k/v/o and
 on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW; tokens/s is seq / median step time over
 `--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included).
-  fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU).
+  fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU, --full-shape).
   naive: one bitsandbytes Linear4bit per expert projection, a Python loop over experts (peft LoRA on each),
          transformers' own loss, fp32 AdamW states: the usual QLoRA set-up.
 Before timing, the fast kernel is checked against the reference loop (one layer's experts, then the whole
@@ -78,8 +78,9 @@ class Row:
 # ---------------------------------------------------------------- models
 
 
-def build_model(tiny: bool, device: str, layers: int | None = None):
-    """Mixtral (full 8x7B widths, or the tiny config) made from random weights straight into 4-bit on `device`."""
+def build_model(tiny: bool, device: str, layers: int | None = None, dtype: torch.dtype | None = None):
+    """Mixtral (full 8x7B widths, or the tiny config) made from random weights straight into 4-bit on `device`;
+    compute in `dtype` (default: bfloat16 on a GPU, float32 on CPU)."""
     from transformers import MixtralConfig
 
     from finetune.moe.full_shape import MIXTRAL_8X7B, random_checkpoint
@@ -90,7 +91,7 @@ def build_model(tiny: bool, device: str, layers: int | None = None):
     if layers:
         shape["num_hidden_layers"] = layers
     config = MixtralConfig(**shape)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     model, _ = load_mixtral_tensors(config, random_checkpoint(config, device), quant="nf4", double_quant=True,
                                     compute_dtype=dtype, device=device)
     return model
@@ -344,16 +345,65 @@ def fast_loss(model, ids):
     return causal_lm_loss(model, ids, ids)
 
 
+def offloaded_fast_loss(model, ids):
+    """`fast_loss` with the decoder's checkpointed layer inputs kept in host memory until the backward
+    (tensors of a layer input's size and up: at the tiny model's sizes too, so a CPU run exercises it)."""
+    from finetune.moe.loss import causal_lm_loss
+    from finetune.offload import OffloadedActivations
+
+    layer_input = ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
+    offload = OffloadedActivations(min_bytes=layer_input, device_types=(ids.device.type,))
+    return causal_lm_loss(model, ids, ids, decoder_context=offload)
+
+
 def naive_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def make_optimizer(params, low_memory: bool):
+def make_optimizer(params, low_memory: bool, in_backward: bool = False):
+    """AdamW (8-bit states when `low_memory`), stepped after the backward or, `in_backward`, inside it."""
     if low_memory:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=1e-5), "AdamW 8-bit"
-    return torch.optim.AdamW(params, lr=1e-5), "AdamW fp32"
+        adamw, name = bnb.optim.AdamW8bit, "AdamW 8-bit"
+    else:
+        adamw, name = torch.optim.AdamW, "AdamW fp32"
+    if in_backward:
+        return StepInBackward(params, lambda group: adamw(group, lr=1e-5)), f"{name} stepped in the backward"
+    return adamw(params, lr=1e-5), name
+
+
+class StepInBackward:
+    """One optimizer per weight, stepped as soon as that weight's gradient is complete, which is then freed.
+
+    The same update as stepping every weight after the backward wherever nothing needs all gradients at once:
+    the bench neither clips by the global norm nor accumulates micro-batches. What it saves is the gradients:
+    they no longer all exist together at the end of the backward (fp32, the size of the adapter). `step` and
+    `zero_grad` are no-ops, so a loop written for an ordinary optimizer runs unchanged.
+    """
+
+    def __init__(self, params, make) -> None:
+        self.optimizers = {p: make([p]) for p in params}
+        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
+
+    def _step(self, param: torch.Tensor) -> None:
+        optimizer = self.optimizers[param]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def state(self) -> dict:
+        return {p: s for optimizer in self.optimizers.values() for p, s in optimizer.state.items()}
+
+    def step(self) -> None:
+        """Done in the backward."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Freed in the backward."""
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _sync(device) -> None:
@@ -386,7 +436,7 @@ def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int, w
 
 def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup: int, note: str, log) -> list[Row]:
     rows = []
-    for seq in seqs:
+    for seq in seqs if steps else ():  # --steps 0: no timing (e.g. only --memory)
         try:
             step_s, peak, loss = time_steps(peft_model, loss_fn, optimizer, seq, steps, warmup)
             rows.append(Row(label, seq, seq / step_s, step_s, peak, loss, note))
@@ -396,7 +446,28 @@ def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup
     return rows
 
 
-def profile(peft_model, optimizer, seq: int, log) -> None:
+def account_memory(peft_model, loss_fn: Callable, optimizer, label: str, seqs, log) -> None:
+    """One step per sequence length under `finetune.memory.account_step`: where the peak comes from."""
+    from finetune.memory import account_step
+
+    device = next(peft_model.parameters()).device
+    decoder = peft_model.get_base_model().model
+    marks = [(f"layer {i}", layer.input_layernorm) for i, layer in enumerate(decoder.layers)] + [("head", decoder.norm)]
+    for seq in seqs:
+        ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
+        loss_fn(peft_model, ids).backward()  # a first step creates the optimizer state the accounted one starts with
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        try:
+            step = account_step(peft_model, lambda: loss_fn(peft_model, ids), optimizer, marks)
+        except torch.cuda.OutOfMemoryError as e:
+            log(f"memory of one {label} step at seq {seq}: out of memory ({str(e)[:80]})")
+            continue
+        log(f"memory of one {label} step at seq {seq} (live tensors on {device}):\n{step.format()}")
+
+
+def profile(peft_model, loss_fn: Callable, optimizer, seq: int, log) -> None:
     """Where a fast step's GPU time goes (top kernels), and one layer's expert kernel per dequantization chunking."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -405,7 +476,7 @@ def profile(peft_model, optimizer, seq: int, log) -> None:
     device = next(peft_model.parameters()).device
     ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fast_loss(peft_model, ids).backward()
+        loss_fn(peft_model, ids).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -458,11 +529,13 @@ def format_table(rows: list[Row]) -> str:
 
 def run(args, log=print) -> tuple[list[Row], CheckResult]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    tiny = args.tiny or device == "cpu"
+    tiny = args.tiny or (device == "cpu" and not args.full_shape)
+    dtype = torch.bfloat16 if device == "cuda" or args.full_shape else torch.float32
+    low_memory = device == "cuda" or args.full_shape  # 8-bit optimizer states, as on a GPU
     seqs = args.seqs or ([2048, 4096] if device == "cuda" or not args.quick else [64, 128])
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = build_model(tiny, device, args.layers)
+    model = build_model(tiny, device, args.layers, dtype)
     log(f"device {device}; {'tiny' if tiny else 'Mixtral-8x7B'} shape, {model.config.num_hidden_layers} layers, "
         f"attention {model.config._attn_implementation}; built in 4-bit in {time.perf_counter() - started:.1f} s")
     if device == "cuda":
@@ -473,34 +546,50 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         if isinstance(m, QuantizedExperts) and args.chunks:
             m.dequant_chunks = args.chunks
     peft_model = with_lora(model, naive=False)
-    tol = TOLERANCE[torch.bfloat16 if device == "cuda" else torch.float32]
+    tol = TOLERANCE[dtype]
     check = check_fast_path(peft_model, args.check_seq, fast_loss, tol)
     log(check.format(tol))
     rows = []
     if check.passed:
-        optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], device == "cuda")
-        rows += measure(peft_model, fast_loss, optimizer, "fast", seqs, args.steps, args.warmup,
-                        f"grouped 4-bit experts, chunked CE, {opt_name}", log)
+        optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], low_memory,
+                                             args.optimizer_in_backward)
+        loss_fn = offloaded_fast_loss if args.offload_activations else fast_loss
+        offloaded = ", layer inputs in host memory" if args.offload_activations else ""
+        rows += measure(peft_model, loss_fn, optimizer, "fast", seqs, args.steps, args.warmup,
+                        f"grouped 4-bit experts, chunked CE, {opt_name}{offloaded}", log)
+        if args.memory:
+            account_memory(peft_model, loss_fn, optimizer, "fast", seqs, log)
         if args.profile and device == "cuda":
-            profile(peft_model, optimizer, max(seqs), log)
+            profile(peft_model, loss_fn, optimizer, max(seqs), log)
+        if isinstance(optimizer, StepInBackward):
+            optimizer.remove()
         del optimizer
     else:
         rows += [Row("fast", s, None, None, None, None, "NOT REPORTED: fast kernel failed the reference check") for s in seqs]
         if args.profile and device == "cuda":  # kernel timings only (no tokens/s): to find out why
             optimizer, _ = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], True)
-            profile(peft_model, optimizer, max(seqs), log)
+            profile(peft_model, fast_loss, optimizer, max(seqs), log)
     del peft_model, model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     if not args.no_naive:
-        model = build_model(tiny, device, args.layers)
+        model = build_model(tiny, device, args.layers, dtype)
         to_naive(model)
         peft_model = with_lora(model, naive=True)
         optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], False)
         rows += measure(peft_model, naive_loss, optimizer, "naive", seqs, args.naive_steps or args.steps, args.warmup,
                         f"Linear4bit per expert, loop, HF loss, {opt_name}", log)
+        if args.memory:
+            account_memory(peft_model, naive_loss, optimizer, "naive", seqs, log)
     return rows, check
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -512,22 +601,38 @@ def parser() -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny model (the default without a GPU)")
+    p.add_argument("--full-shape", action="store_true",
+                   help="the 8x7B widths even on CPU, in bfloat16 as on a GPU (slow there: for --memory with --layers 1)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     p.add_argument("--seqs", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="comma-separated sequence lengths (default 2048,4096)")
     p.add_argument("--quick", action="store_true", help="on CPU: short sequences (64,128) for a fast smoke run")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the model has (a quicker look)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per sequence length (median reported)")
+    p.add_argument("--steps", type=_count, default=5, help="timed steps per sequence length (median reported; 0: none)")
     p.add_argument("--naive-steps", type=int, default=None, help="timed steps for the naive path (default --steps)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--check-seq", type=int, default=256, help="tokens for the fast-vs-reference check")
-    p.add_argument("--chunks", type=int, default=None, help="dequantization chunks per expert stack (default 4)")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="dequantization chunks per expert stack (default finetune.moe.grouped.DEFAULT_CHUNKS)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive path")
     p.add_argument("--profile", action="store_true", help="GPU: top kernels of one fast step, and one layer per chunking")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="fast path: step each weight's optimizer in the backward and free its gradient (the same "
+                        "update here: the bench neither clips nor accumulates; saves the gradients' memory; "
+                        "bitsandbytes synchronizes the device after each weight's update, inside the backward now)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="fast path: keep the checkpointed layer inputs in host memory between forward and backward "
+                        "(finetune.offload; the same computation, less device memory; on a GPU, copies over PCIe)")
+    p.add_argument("--memory", action="store_true",
+                   help="after timing, one step per path and length under live-tensor accounting (any device): "
+                        "weights, adapter, optimizer state, checkpoints, gradients, peak and its largest tensors")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.tiny and args.full_shape:
+        p.error("--tiny and --full-shape contradict each other; give one")
     return cmd_bench(args)
 
 

@@ -89,6 +89,13 @@ def _with_recipe_dropout(model, spec: LoraSpec):
     return model
 
 
+def offload_decoder_activations(model, device: str) -> None:
+    """The recipe's `offload_activations`: the decoder's checkpointed layer inputs wait in host memory."""
+    from finetune.offload import offload_during_forward
+
+    offload_during_forward(model.get_base_model().model, torch.device(device).type)
+
+
 def trainable_summary(model) -> str:
     from finetune.moe import trainable_report
 

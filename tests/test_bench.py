@@ -1,4 +1,5 @@
 """`finetune bench` on CPU with the tiny model: the same table as on a GPU, the reference check gating it."""
+import pytest
 import torch
 
 from finetune import bench
@@ -40,3 +41,73 @@ def test_chunked_loss_equals_transformers_loss():
     labels[0, :7] = -100
     expected = ForCausalLMLoss(hidden @ head.T, labels, vocab_size=100)
     assert torch.allclose(chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=8), expected, atol=1e-6)
+
+
+def test_stepping_in_the_backward_is_the_same_update_without_the_gradients():
+    """Per-weight optimizers stepped from gradient hooks equal one step after the backward, bit for bit, and no
+    gradient is left at the end of the backward (live-tensor accounting of the same step)."""
+    from finetune.memory import account_step
+
+    def trained(in_backward: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        optimizer, _ = bench.make_optimizer(list(model.parameters()), low_memory=False, in_backward=in_backward)
+        x = torch.randn(5, 8)
+        for _ in range(3):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step = account_step(model, lambda: model(x).square().sum(), optimizer)
+        return [p.detach().clone() for p in model.parameters()], step
+
+    after, step = trained(in_backward=False)
+    after_in_backward, step_in_backward = trained(in_backward=True)
+    assert all(torch.equal(a, b) for a, b in zip(after, after_in_backward))
+    weights = sum(p.numel() * 4 for p in after)
+    assert step.gradients == weights and step_in_backward.gradients == 0
+    assert step.optimizer == step_in_backward.optimizer == 2 * weights + 4 * 4  # exp_avg, exp_avg_sq, 4 steps
+
+
+def _gib(out: str, label: str) -> float:
+    """The first figure after `label` in the bench's memory report."""
+    return float(out[out.index(label) + len(label):].split()[0])
+
+
+def test_the_memory_levers_shed_the_gradients_and_the_layer_inputs(capsys):
+    """--optimizer-in-backward and --offload-activations on the tiny model: the accounting shows what they shed."""
+    base = ["--tiny", "--cpu", "--seqs", "256", "--steps", "1", "--warmup", "0", "--check-seq", "64", "--no-naive",
+            "--memory"]
+    assert bench.main(base) == 0
+    plain = capsys.readouterr().out
+    assert bench.main([*base, "--optimizer-in-backward", "--offload-activations"]) == 0
+    lean = capsys.readouterr().out
+    assert "AdamW fp32 stepped in the backward, layer inputs in host memory" in lean
+    for out in (plain, lean):  # --memory: where one step's memory went
+        assert "memory of one fast step at seq 256 (live tensors on cpu):" in out
+        assert "  peak: " in out and "largest tensors made during the step" in out
+    assert _gib(plain, "gradients at the end: ") > 0 and _gib(lean, "gradients at the end: ") == 0
+    # the tiny model's two layer inputs (256 x 128 float32 each, 0.25 MiB) no longer wait on the device
+    assert _gib(plain, "left by the forward for the backward: ") - _gib(lean, "left by the forward for the backward: ") >= 0.0002
+
+
+def test_contradicting_shapes_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--full-shape"])
+    assert "--tiny and --full-shape contradict each other" in capsys.readouterr().err
+
+
+def test_stepping_in_the_backward_through_the_checkpointed_grouped_model_is_the_same_update():
+    def stepped(in_backward: bool):
+        model = bench.build_model(tiny=True, device="cpu")
+        torch.manual_seed(0)  # the same adapter initialisation
+        peft_model = bench.with_lora(model, naive=False)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer, _ = bench.make_optimizer(params, low_memory=False, in_backward=in_backward)
+        ids = torch.randint(0, peft_model.config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            bench.fast_loss(peft_model, ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in params]
+
+    assert all(torch.equal(a, b) for a, b in zip(stepped(False), stepped(True)))

@@ -28,6 +28,7 @@ from .quantized_experts import BLOCKSIZE, ExpertLoraDelta, QuantizedExperts
 # 29.0 GiB peak; 2 chunks 3,318 tok/s, 27.8 GiB; 4 chunks 3,116 tok/s, 27.2 GiB.
 DEFAULT_CHUNKS = 2
 _LORA_PARAMS = ("w1", "w3", "w2")
+_SWIGLU_BLOCK_ELEMENTS = 1 << 22  # per fp32 temporary of the swiglu backward without triton (16 MiB)
 
 
 def grouped_unsupported_reason(hidden_states: torch.Tensor, weights, lora: Sequence[ExpertLoraDelta]) -> str | None:
@@ -149,9 +150,17 @@ def _swiglu_backward(h: torch.Tensor, d_act: torch.Tensor, inter: int, out: torc
     if out is not None:
         _triton_swiglu_backward()(h, d_act, out, inter)
         return out
-    gate, up, d = h[:, :inter].float(), h[:, inter:].float(), d_act.float()
-    sig = torch.sigmoid(gate)
-    return torch.cat([d * up * sig * (1 + gate * (1 - sig)), d * gate * sig], 1).to(h.dtype)
+    # without triton: blocks of rows, so the fp32 temporaries stay small and only `out` is layer-sized (as with
+    # the fused kernel; whole-tensor fp32 temporaries were 10x the size of `out` at the real widths)
+    out = torch.empty_like(h)
+    block = max(1, _SWIGLU_BLOCK_ELEMENTS // inter)
+    for start in range(0, h.shape[0], block):
+        rows = slice(start, start + block)
+        gate, up, d = h[rows, :inter].float(), h[rows, inter:].float(), d_act[rows].float()
+        sig = torch.sigmoid(gate)
+        out[rows, :inter] = d * up * sig * (1 + gate * (1 - sig))
+        out[rows, inter:] = d * gate * sig
+    return out
 
 
 @functools.cache

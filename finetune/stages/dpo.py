@@ -37,6 +37,8 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
     else:
         model = models.attach_new_adapter(base, recipe.lora)
     print(models.trainable_summary(model))
+    if stage.offload_activations:
+        models.offload_decoder_activations(model, device)
 
     args = DPOConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                         "beta": stage.beta, "loss_type": [stage.loss_type], **prepared.trainer_kwargs})

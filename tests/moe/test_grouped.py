@@ -176,3 +176,34 @@ def test_whole_tiny_model_loss_and_gradients_match(tiny_path):
     result = check_model(peft_model, seq=128, loss_fn=fast_loss)
     tol = TOLERANCE[torch.float32]
     assert result.loss <= tol.loss and result.grads <= tol.grads, result
+
+
+def test_each_chunk_makes_only_its_share_of_the_dense_weights():
+    """Every tensor one forward and backward makes, by live-tensor accounting: no dense weight beyond one chunk."""
+    from finetune.memory import LiveTensors
+
+    x, index, weights = _routing(tokens=8)
+    dense_gate_up = E * 2 * I * H * 4
+    peaks = {}
+    for chunks in (1, 2, 4):
+        experts, deltas = _experts(chunks=chunks), [_delta(2)]
+        tracker = LiveTensors(torch.device("cpu"))
+        with tracker:
+            _run(experts, deltas, "grouped", x, index, weights)
+        # the largest thing made is chunk c of the w1 and w3 rows of all experts, dense
+        assert tracker.largest.nbytes == dense_gate_up // chunks, tracker.largest
+        # one chunk: a single dequantize call; more: one buffer that each expert's piece is dequantized into
+        assert tracker.largest.what.startswith("dequantize_4bit" if chunks == 1 else "empty "), tracker.largest
+        peaks[chunks] = tracker.peak
+    assert peaks[1] > peaks[2] > peaks[4]
+
+
+def test_swiglu_backward_without_triton_in_row_blocks_equals_autograd(monkeypatch):
+    from finetune.moe import grouped
+
+    monkeypatch.setattr(grouped, "_SWIGLU_BLOCK_ELEMENTS", 3 * 16)  # 3 rows a block: 4 blocks, the last partial
+    g = torch.Generator().manual_seed(0)
+    h, d_act = torch.randn(10, 32, generator=g), torch.randn(10, 16, generator=g)
+    leaf = h.clone().requires_grad_()
+    (torch.nn.functional.silu(leaf[:, :16]) * leaf[:, 16:]).backward(d_act)
+    assert torch.allclose(grouped._swiglu_backward(h, d_act, 16, None), leaf.grad, atol=1e-6)

@@ -119,3 +119,21 @@ def test_validate_fails_before_any_model_library_is_imported(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"{path}:3: modle: unknown key (did you mean 'model'?)" in done.stderr
     assert "model: required key is missing" in done.stderr
+
+
+def test_offloading_activations_needs_checkpointing(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+            gradient_checkpointing: false
+            offload_activations: true
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{path}:8: stages.0.offload_activations: needs gradient_checkpointing: true" in str(info.value)
+    with_checkpointing = ["stages.0.gradient_checkpointing=true", "stages.0.offload_activations=true"]
+    assert load_recipe(QUICKSTART, with_checkpointing).stages[0].offload_activations

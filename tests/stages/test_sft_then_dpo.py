@@ -2,6 +2,7 @@
 enters both stages with the recipe's coefficient."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,23 @@ def test_router_aux_loss_enters_each_stage_with_the_recipe_coefficient(recipe_pa
     with_aux, without = read_metrics(run_dir / stage)[0], read_metrics(tmp_path / stage)[0]
     assert with_aux["step"] == without["step"] == 1
     assert with_aux["loss"] - without["loss"] == pytest.approx(0.02 * with_aux["aux_loss"], abs=1e-4)
+
+
+def test_offloaded_activations_train_the_same_adapters(recipe_path, run_dir, tmp_path):
+    """`offload_activations` (with the checkpointing it needs) in both stages: the layer inputs wait in host
+    buffers (NumPy on CPU: the same hooks as the GPU's pinned copies), and the adapters come out bit for bit as
+    in the run without either."""
+    from safetensors.torch import load_file
+
+    done = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(recipe_path), f"output_dir={tmp_path}",
+                           *(f"stages.{i}.{key}=true" for i in (0, 1)
+                             for key in ("gradient_checkpointing", "offload_activations"))],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sent = re.findall(r"\[memory\] the first training forward kept ([\d.]+) MiB of checkpointed layer inputs", done.stdout)
+    assert len(sent) == 2 and all(float(mib) > 0 for mib in sent), done.stdout[-2000:]  # one line per stage
+    for stage in ("sft", "dpo"):
+        offloaded = load_file(tmp_path / stage / "adapter" / "adapter_model.safetensors")
+        kept = load_file(run_dir / stage / "adapter" / "adapter_model.safetensors")
+        assert offloaded.keys() == kept.keys()
+        assert all(torch.equal(offloaded[k], kept[k]) for k in kept), stage
