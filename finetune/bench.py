@@ -5,7 +5,8 @@
     finetune bench --seqs 4096 --no-naive
 
 Both paths: the model built directly in 4-bit (NF4, double quantization), LoRA r=16 (alpha 32) on q/k/v/o and
-on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW; tokens/s is seq / median step time over
+on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW, a bf16 model run under bf16 autocast as
+the trainer runs it (`as_trained`); tokens/s is seq / median step time over
 `--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included).
   fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU, --full-shape).
   naive: one bitsandbytes Linear4bit per expert projection, a Python loop over experts (peft LoRA on each),
@@ -360,6 +361,23 @@ def naive_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
+def as_trained(loss_fn: Callable) -> Callable:
+    """`loss_fn` the way the trainer runs a bfloat16 model: inside accelerate's bf16 autocast. There peft feeds a
+    LoRA its bf16 input as it is, where without autocast it casts one fp32 copy per projection to match the fp32
+    adapter weights (q, k, v and o each keep their own for the backward: 0.25 GiB a layer at 4k tokens). peft asks
+    only CUDA's autocast, so on a CPU (`--full-shape`) its cast is switched off to the same effect."""
+    def run(model, ids):
+        if model.get_input_embeddings().weight.dtype != torch.bfloat16:
+            return loss_fn(model, ids)
+        from peft.helpers import disable_input_dtype_casting
+
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16), \
+                disable_input_dtype_casting(model, active=ids.device.type != "cuda"):
+            return loss_fn(model, ids)
+
+    return run
+
+
 def make_optimizer(params, low_memory: bool, in_backward: bool = False):
     """AdamW (8-bit states when `low_memory`), stepped after the backward or, `in_backward`, inside it."""
     if low_memory:
@@ -547,13 +565,13 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
             m.dequant_chunks = args.chunks
     peft_model = with_lora(model, naive=False)
     tol = TOLERANCE[dtype]
-    check = check_fast_path(peft_model, args.check_seq, fast_loss, tol)
+    check = check_fast_path(peft_model, args.check_seq, as_trained(fast_loss), tol)
     log(check.format(tol))
     rows = []
     if check.passed:
         optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], low_memory,
                                              args.optimizer_in_backward)
-        loss_fn = offloaded_fast_loss if args.offload_activations else fast_loss
+        loss_fn = as_trained(offloaded_fast_loss if args.offload_activations else fast_loss)
         offloaded = ", layer inputs in host memory" if args.offload_activations else ""
         rows += measure(peft_model, loss_fn, optimizer, "fast", seqs, args.steps, args.warmup,
                         f"grouped 4-bit experts, chunked CE, {opt_name}{offloaded}", log)
@@ -568,7 +586,7 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         rows += [Row("fast", s, None, None, None, None, "NOT REPORTED: fast kernel failed the reference check") for s in seqs]
         if args.profile and device == "cuda":  # kernel timings only (no tokens/s): to find out why
             optimizer, _ = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], True)
-            profile(peft_model, fast_loss, optimizer, max(seqs), log)
+            profile(peft_model, as_trained(fast_loss), optimizer, max(seqs), log)
     del peft_model, model
     gc.collect()
     if device == "cuda":
@@ -578,10 +596,10 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         to_naive(model)
         peft_model = with_lora(model, naive=True)
         optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], False)
-        rows += measure(peft_model, naive_loss, optimizer, "naive", seqs, args.naive_steps or args.steps, args.warmup,
-                        f"Linear4bit per expert, loop, HF loss, {opt_name}", log)
+        rows += measure(peft_model, as_trained(naive_loss), optimizer, "naive", seqs, args.naive_steps or args.steps,
+                        args.warmup, f"Linear4bit per expert, loop, HF loss, {opt_name}", log)
         if args.memory:
-            account_memory(peft_model, naive_loss, optimizer, "naive", seqs, log)
+            account_memory(peft_model, as_trained(naive_loss), optimizer, "naive", seqs, log)
     return rows, check
 
 

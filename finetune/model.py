@@ -89,11 +89,14 @@ def _with_recipe_dropout(model, spec: LoraSpec):
     return model
 
 
-def offload_decoder_activations(model, device: str) -> None:
-    """The recipe's `offload_activations`: the decoder's checkpointed layer inputs wait in host memory."""
+def offload_decoder_activations(model, device: str) -> list:
+    """The recipe's `offload_activations`: the decoder's checkpointed layer inputs wait in host memory; returns
+    the hook handles."""
+    from finetune import distributed
     from finetune.offload import offload_during_forward
 
-    offload_during_forward(model.get_base_model().model, torch.device(device).type)
+    return offload_during_forward(model.get_base_model().model, torch.device(device).type,
+                                  log=print if distributed.is_main() else lambda line: None)
 
 
 def trainable_summary(model) -> str:

@@ -63,8 +63,8 @@ class OffloadedActivations(saved_tensors_hooks):
             return t
         key = t.untyped_storage().data_ptr()
         seen = self._packed.get(key)
-        if seen is not None and seen[0]() is not None and seen[1].shape == t.shape:
-            return seen[1]
+        if seen is not None and seen[0]() is not None and (seen[1].dtype, seen[1].shape) == (t.dtype, t.shape):
+            return seen[1]  # the same storage, whole, contiguous: the same tensor
         self.offloaded_bytes += t.numel() * t.element_size()
         if t.device.type == "cuda":
             packed = self._to_pinned(t)
@@ -117,9 +117,9 @@ def offload_during_forward(module: nn.Module, device_type: str, log=print) -> li
     def enter(mod, args, kwargs):
         ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         tokens = ids.numel() if ids is not None else embeds.shape[:-1].numel()
-        hidden = mod.get_input_embeddings().weight
-        active.append(OffloadedActivations(min_bytes=tokens * hidden.shape[1] * hidden.element_size(),
-                                           device_types=(device_type,)))
+        # the config's width, not the weight's: under ZeRO-3 the weight is an empty placeholder until gathered
+        width = mod.config.hidden_size * mod.get_input_embeddings().weight.dtype.itemsize
+        active.append(OffloadedActivations(min_bytes=tokens * width, device_types=(device_type,)))
         active[-1].__enter__()
 
     def leave(mod, args, kwargs, output):
@@ -127,8 +127,8 @@ def offload_during_forward(module: nn.Module, device_type: str, log=print) -> li
         offload.__exit__(None, None, None)
         if offload.offloaded_bytes and not reported:
             reported.append(offload.offloaded_bytes)
-            log(f"[memory] the first training forward kept {offload.offloaded_bytes / 2**20:.2f} MiB of checkpointed "
-                f"layer inputs in host memory")
+            log(f"[memory] the first training forward kept {offload.offloaded_bytes / 2**20:.2f} MiB of saved "
+                f"activations (checkpointed layer inputs and the like) in host memory")
 
     return [module.register_forward_pre_hook(enter, with_kwargs=True),
             module.register_forward_hook(leave, with_kwargs=True, always_call=True)]

@@ -235,7 +235,8 @@ class Training(Section):
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing: each decoder layer's checkpointed input waits for the "
                            "backward in host memory (pinned, copied on a side stream): tokens x hidden x 2 bytes "
-                           "less GPU memory per layer (1 GiB for Mixtral-8x7B at 4k tokens), the same computation."
+                           "less GPU memory per layer but the first (about 1 GiB for Mixtral-8x7B at 4k tokens), the same "
+                           "computation."
     )
     logging_steps: PositiveInt = 10
     save_steps: PositiveInt = 200

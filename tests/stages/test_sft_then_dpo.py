@@ -96,7 +96,7 @@ def test_offloaded_activations_train_the_same_adapters(recipe_path, run_dir, tmp
                              for key in ("gradient_checkpointing", "offload_activations"))],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    sent = re.findall(r"\[memory\] the first training forward kept ([\d.]+) MiB of checkpointed layer inputs", done.stdout)
+    sent = re.findall(r"\[memory\] the first training forward kept ([\d.]+) MiB of saved activations", done.stdout)
     assert len(sent) == 2 and all(float(mib) > 0 for mib in sent), done.stdout[-2000:]  # one line per stage
     for stage in ("sft", "dpo"):
         offloaded = load_file(tmp_path / stage / "adapter" / "adapter_model.safetensors")
