@@ -8,7 +8,8 @@ Both paths: the model built directly in 4-bit (NF4, double quantization), LoRA r
 on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW, a bf16 model run under bf16 autocast as
 the trainer runs it (`as_trained`); tokens/s is seq / median step time over
 `--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included).
-  fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU, --full-shape).
+  fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU, --full-shape;
+         `finetune.optimizers.AdamW8bit`, the recipe's `adamw_8bit`).
   naive: one bitsandbytes Linear4bit per expert projection, a Python loop over experts (peft LoRA on each),
          transformers' own loss, fp32 AdamW states: the usual QLoRA set-up.
 Before timing, the fast kernel is checked against the reference loop (one layer's experts, then the whole
@@ -346,17 +347,6 @@ def fast_loss(model, ids):
     return causal_lm_loss(model, ids, ids)
 
 
-def offloaded_fast_loss(model, ids):
-    """`fast_loss` with the decoder's checkpointed layer inputs kept in host memory until the backward
-    (tensors of a layer input's size and up: at the tiny model's sizes too, so a CPU run exercises it)."""
-    from finetune.moe.loss import causal_lm_loss
-    from finetune.offload import OffloadedActivations
-
-    layer_input = ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
-    offload = OffloadedActivations(min_bytes=layer_input, device_types=(ids.device.type,))
-    return causal_lm_loss(model, ids, ids, decoder_context=offload)
-
-
 def naive_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
@@ -379,16 +369,23 @@ def as_trained(loss_fn: Callable) -> Callable:
 
 
 def make_optimizer(params, low_memory: bool, in_backward: bool = False):
-    """AdamW (8-bit states when `low_memory`), stepped after the backward or, `in_backward`, inside it."""
+    """AdamW (8-bit states when `low_memory`: the recipe's `adamw_8bit`), stepped after the backward or,
+    `in_backward`, inside it."""
     if low_memory:
-        import bitsandbytes as bnb
+        from finetune.optimizers import AdamW8bit
 
-        adamw, name = bnb.optim.AdamW8bit, "AdamW 8-bit"
+        name = "AdamW 8-bit"
+
+        def adamw(group):
+            return AdamW8bit(group, lr=1e-5, optim_bits=8)
     else:
-        adamw, name = torch.optim.AdamW, "AdamW fp32"
+        name = "AdamW fp32"
+
+        def adamw(group):
+            return torch.optim.AdamW(group, lr=1e-5)
     if in_backward:
-        return StepInBackward(params, lambda group: adamw(group, lr=1e-5)), f"{name} stepped in the backward"
-    return adamw(params, lr=1e-5), name
+        return StepInBackward(params, adamw), f"{name} stepped in the backward"
+    return adamw(params), name
 
 
 class StepInBackward:
@@ -462,6 +459,25 @@ def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup
             rows.append(Row(label, seq, None, None, None, None, f"out of memory: {str(e)[:80]}"))
         log(format_row(rows[-1]))
     return rows
+
+
+def report_host_syncs(peft_model, loss_fn: Callable, optimizer, seq: int, log) -> None:
+    """One step under `finetune.syncs.HostSyncs`: what makes the host wait for the device, and where. On a CPU,
+    the forward and backward only, and the gradients are not handed to the optimizer (its step counters live
+    on the host in a GPU run too)."""
+    from finetune.syncs import HostSyncs
+
+    device = next(peft_model.parameters()).device
+    ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
+    with HostSyncs(device.type) as syncs:
+        if device.type == "cuda":
+            loss_fn(peft_model, ids).backward()
+            optimizer.step()
+        else:
+            torch.autograd.grad(loss_fn(peft_model, ids), [p for p in peft_model.parameters() if p.requires_grad])
+    optimizer.zero_grad(set_to_none=True)
+    scope = "step" if device.type == "cuda" else "forward and backward"
+    log(f"host syncs in one fast {scope} at seq {seq}: {len(syncs.found)} ({syncs.summary()})")
 
 
 def account_memory(peft_model, loss_fn: Callable, optimizer, label: str, seqs, log) -> None:
@@ -571,8 +587,14 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
     if check.passed:
         optimizer, opt_name = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], low_memory,
                                              args.optimizer_in_backward)
-        loss_fn = as_trained(offloaded_fast_loss if args.offload_activations else fast_loss)
-        offloaded = ", layer inputs in host memory" if args.offload_activations else ""
+        offload = None
+        if args.offload_activations:  # as `stages[].offload_activations` does in training
+            from finetune.offload import offload_during_forward
+
+            offload = offload_during_forward(peft_model.get_base_model().model, device, log)
+        loss_fn = as_trained(fast_loss)
+        offloaded = ", layer inputs in host memory" if offload is not None else ""
+        report_host_syncs(peft_model, loss_fn, optimizer, args.check_seq, log)
         rows += measure(peft_model, loss_fn, optimizer, "fast", seqs, args.steps, args.warmup,
                         f"grouped 4-bit experts, chunked CE, {opt_name}{offloaded}", log)
         if args.memory:
@@ -581,6 +603,8 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
             profile(peft_model, loss_fn, optimizer, max(seqs), log)
         if isinstance(optimizer, StepInBackward):
             optimizer.remove()
+        if offload is not None:
+            offload.remove()
         del optimizer
     else:
         rows += [Row("fast", s, None, None, None, None, "NOT REPORTED: fast kernel failed the reference check") for s in seqs]
@@ -636,8 +660,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="GPU: top kernels of one fast step, and one layer per chunking")
     p.add_argument("--optimizer-in-backward", action="store_true",
                    help="fast path: step each weight's optimizer in the backward and free its gradient (the same "
-                        "update here: the bench neither clips nor accumulates; saves the gradients' memory; "
-                        "bitsandbytes synchronizes the device after each weight's update, inside the backward now)")
+                        "update here: the bench neither clips nor accumulates; saves the gradients' memory)")
     p.add_argument("--offload-activations", action="store_true",
                    help="fast path: keep the checkpointed layer inputs in host memory between forward and backward "
                         "(finetune.offload; the same computation, less device memory; on a GPU, copies over PCIe)")

@@ -106,6 +106,17 @@ def _fsdp_problems(environ) -> list[str]:
     return problems
 
 
+def refuse_unsupported_optimizers(stages) -> None:
+    """bitsandbytes' 8-bit AdamW on parameters FSDP shards or DeepSpeed partitions is untested: refused before
+    anything loads, naming the recipe key."""
+    if not sharded():
+        return
+    for index, stage in enumerate(stages):
+        if stage.optimizer == "adamw_8bit":
+            raise FinetuneError(f"stages.{index}.optimizer: adamw_8bit under {launch()} is not supported (one "
+                                f"process or data parallel only); use adamw, or accelerate_configs/multi_gpu.yaml")
+
+
 def refuse_unsupported_model(spec, device: str) -> None:
     """Model settings a DeepSpeed launch cannot honour, refused before anything loads, naming the recipe key."""
     if not zero3():

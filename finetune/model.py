@@ -89,9 +89,9 @@ def _with_recipe_dropout(model, spec: LoraSpec):
     return model
 
 
-def offload_decoder_activations(model, device: str) -> list:
+def offload_decoder_activations(model, device: str):
     """The recipe's `offload_activations`: the decoder's checkpointed layer inputs wait in host memory; returns
-    the hook handles."""
+    the `finetune.offload.DecoderOffload` (its hooks)."""
     from finetune import distributed
     from finetune.offload import offload_during_forward
 

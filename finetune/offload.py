@@ -105,30 +105,44 @@ class OffloadedActivations(saved_tensors_hooks):
         return self._streams[device]
 
 
-def offload_during_forward(module: nn.Module, device_type: str, log=print) -> list:
-    """Every forward of `module` (a model's decoder, called with `input_ids` or `inputs_embeds`) runs inside a
-    fresh `OffloadedActivations` for `device_type` that takes tensors of a layer input's size and up; the hook
-    handles are returned, and the first forward that saved anything says how much went to host memory. On a
-    GPU that sheds the checkpointed layer inputs; on CPU the copies go to NumPy buffers (no gain there, but the
-    same path, which is how the tests check it)."""
-    active: list[OffloadedActivations] = []
-    reported = []
+class DecoderOffload:
+    """Hooks that run every forward of a model's decoder inside a fresh `OffloadedActivations` (see
+    `offload_during_forward`); `offloaded_bytes` is what the latest forward sent to host memory."""
 
-    def enter(mod, args, kwargs):
+    def __init__(self, decoder: nn.Module, device_type: str, log) -> None:
+        self.device_type = device_type
+        self.offloaded_bytes = 0
+        self._log = log
+        self._active: list[OffloadedActivations] = []
+        self._handles = [decoder.register_forward_pre_hook(self._enter, with_kwargs=True),
+                         decoder.register_forward_hook(self._leave, with_kwargs=True, always_call=True)]
+
+    def _enter(self, decoder, args, kwargs) -> None:
         ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         tokens = ids.numel() if ids is not None else embeds.shape[:-1].numel()
         # the config's width, not the weight's: under ZeRO-3 the weight is an empty placeholder until gathered
-        width = mod.config.hidden_size * mod.get_input_embeddings().weight.dtype.itemsize
-        active.append(OffloadedActivations(min_bytes=tokens * width, device_types=(device_type,)))
-        active[-1].__enter__()
+        layer_input = tokens * decoder.config.hidden_size * decoder.get_input_embeddings().weight.dtype.itemsize
+        self._active.append(OffloadedActivations(min_bytes=layer_input, device_types=(self.device_type,)))
+        self._active[-1].__enter__()
 
-    def leave(mod, args, kwargs, output):
-        offload = active.pop()
+    def _leave(self, decoder, args, kwargs, output) -> None:
+        offload = self._active.pop()
         offload.__exit__(None, None, None)
-        if offload.offloaded_bytes and not reported:
-            reported.append(offload.offloaded_bytes)
-            log(f"[memory] the first training forward kept {offload.offloaded_bytes / 2**20:.2f} MiB of saved "
-                f"activations (checkpointed layer inputs and the like) in host memory")
+        if offload.offloaded_bytes and self._log is not None:
+            self._log(f"[memory] the first training forward kept {offload.offloaded_bytes / 2**20:.2f} MiB of saved "
+                      f"activations (checkpointed layer inputs and the like) in host memory")
+            self._log = None  # once a run
+        self.offloaded_bytes = offload.offloaded_bytes
 
-    return [module.register_forward_pre_hook(enter, with_kwargs=True),
-            module.register_forward_hook(leave, with_kwargs=True, always_call=True)]
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def offload_during_forward(decoder: nn.Module, device_type: str, log=print) -> DecoderOffload:
+    """Every forward of `decoder` (a model's decoder, called with `input_ids` or `inputs_embeds`) runs inside a
+    fresh `OffloadedActivations` for `device_type` that takes tensors of a layer input's size and up, and the
+    first forward that saved anything says through `log` how much went to host memory. On a GPU that sheds the
+    checkpointed layer inputs; on CPU the copies go to NumPy buffers (no gain there, but the same path, which is
+    how the tests check it)."""
+    return DecoderOffload(decoder, device_type, log)

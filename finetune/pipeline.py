@@ -37,6 +37,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     device = resolve_device(recipe.model)
     distributed.refuse_unsupported_model(recipe.model, device)
     distributed.start(device)
+    distributed.refuse_unsupported_optimizers(recipe.stages)  # after `start`, which tells an FSDP launch
     run_dir = recipe.run_dir
     with StopSignal() as stop, disk_errors(run_dir):
         check_run_dir(recipe, resume, overwrite)

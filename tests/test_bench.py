@@ -86,8 +86,10 @@ def test_the_memory_levers_shed_the_gradients_and_the_layer_inputs(capsys):
         assert "memory of one fast step at seq 256 (live tensors on cpu):" in out
         assert "  peak: " in out and "largest tensors made during the step" in out
     assert _gib(plain, "gradients at the end: ") > 0 and _gib(lean, "gradients at the end: ") == 0
-    # the tiny model's two layer inputs (256 x 128 float32 each, 0.25 MiB) no longer wait on the device
-    assert _gib(plain, "left by the forward for the backward: ") - _gib(lean, "left by the forward for the backward: ") >= 0.0002
+    # the first forward (the host-sync report's, at --check-seq 64 tokens): layer 1's input and the final norm's
+    # (64 x 128 float32: 32 KiB each) waited in host memory; that the device then holds exactly that much less is
+    # tests/test_offload.py's
+    assert "kept 0.06 MiB of saved activations" in lean and "saved activations" not in plain
 
 
 def test_contradicting_shapes_are_refused(capsys):

@@ -395,7 +395,7 @@ def test_deepspeed_and_the_other_launches_refuse_each_others_checkpoints(runs, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("launch", ["two", "fsdp"])  # ZeRO-3 stops through the same agreed flag (suite time)
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(runs, launch):
     """SIGTERM reaching only the second process (a scheduler's signal lands in the processes at different times)
     still stops both at the end of the same step, with one complete checkpoint there and nothing after the stage."""

@@ -5,7 +5,7 @@ import torch
 from finetune import bench
 from finetune.memory import account_step
 from finetune.moe.loss import causal_lm_loss
-from finetune.offload import OffloadedActivations
+from finetune.offload import OffloadedActivations, offload_during_forward
 
 SEQ = 64
 
@@ -15,23 +15,28 @@ def model():
     return bench.with_lora(bench.build_model(tiny=True, device="cpu"), naive=False)
 
 
-def _loss(model, ids, offload: OffloadedActivations | None = None):
-    return causal_lm_loss(model, ids, ids, decoder_context=offload)
+def _loss(model, ids, offload: bool = False):
+    """The loss, and with `offload` the hooks that ran the decoder inside `OffloadedActivations` (removed)."""
+    hooks = offload_during_forward(model.get_base_model().model, ids.device.type, log=None) if offload else None
+    try:
+        return causal_lm_loss(model, ids, ids), hooks
+    finally:
+        if hooks is not None:
+            hooks.remove()
 
 
-def _step(model, ids, offload: OffloadedActivations | None):
+def _step(model, ids, offload: bool):
     model.zero_grad(set_to_none=True)
-    loss = _loss(model, ids, offload)
-    loss.backward()  # outside the block: the hooks stay with what was saved
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss, hooks = _loss(model, ids, offload)
+    loss.backward()  # after the forward's block: the saved tensors keep their hooks
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, hooks
 
 
 def test_same_loss_and_gradients_with_the_layer_inputs_on_the_host(model):
     ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
     layer_input = SEQ * model.config.hidden_size * 4  # float32 on CPU
-    offload = OffloadedActivations(min_bytes=layer_input, device_types=("cpu",))
-    loss, grads = _step(model, ids, None)
-    loss_offloaded, grads_offloaded = _step(model, ids, offload)
+    loss, grads, _ = _step(model, ids, False)
+    loss_offloaded, grads_offloaded, offload = _step(model, ids, True)
     assert torch.equal(loss, loss_offloaded)
     assert grads.keys() == grads_offloaded.keys() and len(grads) > 0
     assert all(torch.equal(grads[n], grads_offloaded[n]) for n in grads)
@@ -45,9 +50,16 @@ def test_the_device_holds_less_between_forward_and_backward(model):
     layer_input = SEQ * model.config.hidden_size * 4
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     model.zero_grad(set_to_none=True)
-    kept = account_step(model, lambda: _loss(model, ids), optimizer)
-    offload = OffloadedActivations(min_bytes=layer_input, device_types=("cpu",))
-    shed = account_step(model, lambda: _loss(model, ids, offload), optimizer)
+    kept = account_step(model, lambda: _loss(model, ids)[0], optimizer)
+    hooks = []
+
+    def offloaded_loss():
+        loss, offload = _loss(model, ids, True)
+        hooks.append(offload)
+        return loss
+
+    shed = account_step(model, offloaded_loss, optimizer)
+    offload = hooks[-1]
     # what the forward left on the device shrank by exactly what went to the host
     assert offload.offloaded_bytes == model.config.num_hidden_layers * layer_input
     assert kept.after_forward - shed.after_forward == offload.offloaded_bytes
@@ -94,16 +106,15 @@ def test_on_cuda_the_layer_inputs_leave_the_device_and_come_back_exact():
     model = bench.with_lora(bench.build_model(tiny=False, device="cuda", layers=2), naive=False)
     ids = torch.randint(0, model.config.vocab_size, (1, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     layer_input = 2048 * model.config.hidden_size * 2  # bf16
-    loss, grads = _step(model, ids, None)
+    loss, grads, _ = _step(model, ids, False)
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    offload = OffloadedActivations()
     before = torch.cuda.memory_allocated()
-    kept = _loss(model, ids)
+    kept, _ = _loss(model, ids)
     torch.cuda.synchronize()
     kept_bytes = torch.cuda.memory_allocated() - before
     del kept
-    shed = _loss(model, ids, offload)
+    shed, offload = _loss(model, ids, True)
     torch.cuda.synchronize()
     assert kept_bytes - (torch.cuda.memory_allocated() - before) >= offload.offloaded_bytes >= layer_input
     shed.backward()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..rmsnorm import use_lean_rms_norms
 from .report import LoadReport, measure_parts
 
 ATTENTION_WEIGHT = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
@@ -249,6 +250,7 @@ def load_mixtral_tensors(
         for key, tensor in tensors:
             _take(state, key, tensor)
         _finish(state)
+    use_lean_rms_norms(model)
     model.eval()
     if quant is not None:
         model.is_loaded_in_4bit = True  # peft reads this to wrap Linear4bit with its 4-bit LoRA layer

@@ -6,8 +6,6 @@ chunk's loss is computed, and again in backward (checkpointed), so the transient
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -33,11 +31,8 @@ def chunked_causal_lm_loss(
     return total / (target != IGNORE_INDEX).sum().clamp_min(1)
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 1024,
-                   decoder_context: AbstractContextManager | None = None) -> torch.Tensor:
-    """The loss of a (peft-wrapped) MixtralForCausalLM through its decoder and head, with the chunked loss;
-    the decoder runs inside `decoder_context` when given (e.g. `finetune.offload.OffloadedActivations`)."""
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    """The loss of a (peft-wrapped) MixtralForCausalLM through its decoder and head, with the chunked loss."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with decoder_context or nullcontext():
-        hidden = causal_lm.model(input_ids=input_ids).last_hidden_state
+    hidden = causal_lm.model(input_ids=input_ids).last_hidden_state
     return chunked_causal_lm_loss(hidden, causal_lm.lm_head.weight, labels, chunk_tokens)

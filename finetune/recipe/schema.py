@@ -231,6 +231,11 @@ class Training(Section):
     grad_accum: PositiveInt = 1
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw: torch's AdamW, float32 moments (8 bytes per trainable weight: 1.8 GiB for "
+                             "Mixtral-8x7B's LoRA at r 16); adamw_8bit: bitsandbytes' blockwise 8-bit AdamW (about "
+                             "2 bytes per weight, 0.45 GiB), one process or DDP."
+    )
     gradient_checkpointing: bool = True
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing: each decoder layer's checkpointed input waits for the "

@@ -44,6 +44,9 @@ def trainer_kwargs(recipe: Recipe, stage: Training, stage_dir: Path, has_eval: b
         ddp_broadcast_buffers=False,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
+        # adamw: the trainer's default (torch's fused AdamW on a GPU); adamw_8bit: `finetune.optimizers.AdamW8bit`,
+        # set by `use_recipe_optimizer`
+        **({"optim": "adamw_bnb_8bit"} if stage.optimizer == "adamw_8bit" else {}),
         activation_checkpointing=stage.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if stage.gradient_checkpointing else None,
         logging_steps=stage.logging_steps,
@@ -457,6 +460,16 @@ class PartitionReport(TrainerCallback):
         distributed.report_held(model, f"DeepSpeed ZeRO-3 over {distributed.world_size()} processes")
 
 
+def use_recipe_optimizer(trainer, stage: Training) -> None:
+    """The recipe's `optimizer`, for the trainer to create when training starts. `optimizer_cls_and_kwargs` is the
+    Trainer's own attribute; trl's DPOTrainer takes no such argument, so it is set here for both stages."""
+    from finetune.optimizers import trainer_optimizer
+
+    choice = trainer_optimizer(stage.optimizer, trainer.args)
+    if choice is not None:
+        trainer.optimizer_cls_and_kwargs = choice
+
+
 def shard_trained_model(trainer) -> None:
     """Under FSDP: shard the model now that the trainer is built (trl has copied DPO's reference adapter), and
     tell the trainer the model is already distributed, so that it neither moves it nor wraps it in DDP (the
@@ -475,6 +488,7 @@ def run_stage_trainer(recipe: Recipe, kind: str, stage: Training, stage_dir: Pat
 
     with StageDashboards.open(recipe, kind, stage_dir) as dashboards:
         trainer, data = build(stage_callbacks(recipe, stage, stage_dir, dashboards))
+        use_recipe_optimizer(trainer, stage)
         if distributed.fsdp():
             shard_trained_model(trainer)
         elif distributed.zero3():

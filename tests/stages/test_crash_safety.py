@@ -6,6 +6,7 @@ every interrupted-then-resumed run must end with the same adapters, to 1e-6 (in 
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -23,8 +24,11 @@ CHECKPOINTING = {"max_steps": 8, "grad_accum": 2, "save_steps": 2, "save_total_l
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_recipe) -> Path:
-    return tiny_recipe(tmp_path_factory.mktemp("recipe") / "crash.yaml", lora={"dropout": 0.1}, sft=CHECKPOINTING,
-                       dpo={**CHECKPOINTING, "max_steps": 6})
+    # SFT with its layer inputs offloaded to host memory, DPO with 8-bit AdamW: what either keeps must come back
+    # exactly too
+    return tiny_recipe(tmp_path_factory.mktemp("recipe") / "crash.yaml", lora={"dropout": 0.1},
+                       sft={**CHECKPOINTING, "gradient_checkpointing": True, "offload_activations": True},
+                       dpo={**CHECKPOINTING, "max_steps": 6, "optimizer": "adamw_8bit"})
 
 
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:
@@ -64,11 +68,35 @@ def assert_same_adapters(out: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(recipe, tmp_path_factory) -> Path:
+def uninterrupted(recipe, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("uninterrupted")
     done = run(recipe, out)
     assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return out, done.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted) -> Path:
+    return uninterrupted[0]
+
+
+def test_sft_kept_its_layer_inputs_in_host_memory(uninterrupted):
+    """The recipe key reaches the trainer's model; that offloading changes no number is tests/test_offload.py's
+    (bit for bit, through the same decoder hooks)."""
+    sent = re.findall(r"\[memory\] the first training forward kept ([\d.]+) MiB of saved activations", uninterrupted[1])
+    assert len(sent) == 1 and float(sent[0]) > 0, uninterrupted[1][-2000:]  # SFT only: DPO does not offload
+
+
+def test_each_stage_checkpoints_the_optimizer_it_was_given(reference):
+    def moments(stage: str) -> set[torch.dtype]:
+        checkpoint = sorted((reference / stage / "checkpoints").glob("checkpoint-*"))[-1]
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
+        # torch's AdamW: exp_avg; bitsandbytes' keeps its moments (state1) in a dict of its own
+        return {t.dtype for s in state.values() for key, t in {**s, **s.get("__bnb_optimizer_quant_state__", {})}.items()
+                if key in ("exp_avg", "state1")}
+
+    assert moments("sft") == {torch.float32}  # adamw
+    assert torch.uint8 in moments("dpo")  # adamw_8bit (float32 only for tensors under 4096 elements)
 
 
 def test_sigkill_mid_accumulation_in_sft_then_resume_is_exact(recipe, reference, tmp_path):

@@ -1,0 +1,81 @@
+"""Host syncs found on a CPU: the patterns, and a training step's hot loop free of them but for one."""
+import pytest
+import torch
+
+from finetune import bench
+from finetune.moe.quantized_experts import QuantizedExperts, expert_forward
+from finetune.syncs import HostSyncs
+
+
+def _ops(fn) -> list[str]:
+    with HostSyncs("cpu") as syncs:
+        fn()
+    return [s.op for s in syncs.found]
+
+
+def test_what_makes_the_host_wait_is_found_and_where():
+    x = torch.randn(16)
+    idx = torch.tensor([3, 1])
+    assert _ops(lambda: x.sum().item()) == ["_local_scalar_dense"]
+    assert _ops(lambda: bool(x[0] > 0)) == ["_local_scalar_dense"]
+    assert _ops(lambda: x[x > 0]) == ["index"]
+    assert _ops(lambda: x.nonzero()) == ["nonzero"]
+    assert _ops(lambda: torch.bincount(idx, minlength=4)) == ["bincount"]
+    assert _ops(lambda: torch.repeat_interleave(idx)) == ["repeat_interleave"]
+    assert _ops(lambda: torch.equal(x, x)) == ["equal"]
+    with HostSyncs("cpu") as syncs:
+        x.max().item()
+    assert syncs.found[0].where.startswith("tests/test_syncs.py:")
+
+
+def test_their_device_side_equivalents_are_not():
+    x = torch.randn(16)
+    idx = torch.tensor([3, 1])
+    assert _ops(lambda: x[idx]) == []
+    assert _ops(lambda: torch.where(x > 0, x, 0)) == []
+    assert _ops(lambda: torch.repeat_interleave(idx, output_size=4)) == []
+    assert _ops(lambda: torch.searchsorted(torch.arange(4), idx)) == []
+    assert _ops(lambda: x.to(torch.bfloat16)) == []
+
+
+def test_only_tensors_of_the_watched_device_count():
+    with HostSyncs("cuda") as syncs:
+        torch.randn(4).sum().item()
+    assert syncs.found == []
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bench.with_lora(bench.build_model(tiny=True, device="cpu"), naive=False)
+
+
+def _expert_layer(model):
+    return next(m for m in model.modules() if hasattr(m, "deltas") and isinstance(m.get_base_layer(), QuantizedExperts))
+
+
+@pytest.mark.parametrize("kernel, expected", [("grouped", []), ("reference", ["bincount"])])
+def test_the_grouped_expert_kernel_never_waits_for_the_device(model, kernel, expected):
+    layer = _expert_layer(model)
+    experts = layer.get_base_layer()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, experts.hidden_dim, generator=g, dtype=experts.compute_dtype).requires_grad_()
+    weights, index = torch.randn(96, experts.num_experts, generator=g).softmax(-1).topk(2, dim=-1)
+
+    def step():
+        y = expert_forward(x, index, weights, experts, layer.deltas(), kernel=kernel)
+        y.backward(torch.ones_like(y))
+
+    # the reference loop reads the routing counts on the host: the finder is not blind to our own code
+    assert _ops(step) == expected
+
+
+def test_a_training_forward_and_backward_waits_once_in_transformers_mask_code(model):
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with HostSyncs("cpu") as syncs:
+        torch.autograd.grad(bench.as_trained(bench.fast_loss)(model, ids), trainable)
+    # transformers 5 reads whether position ids hold packed sequences (masking_utils.find_packed_sequence_indices):
+    # one read per forward, before the first layer; the layers, their recomputation, the loss and the backward
+    # add none
+    assert [(s.op, s.where.split(" <- ")[0].rsplit(":", 1)[0]) for s in syncs.found] == [
+        ("_local_scalar_dense", "transformers/masking_utils.py")]
