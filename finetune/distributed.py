@@ -111,10 +111,10 @@ def refuse_unsupported_optimizers(stages) -> None:
     anything loads, naming the recipe key."""
     if not sharded():
         return
-    for index, stage in enumerate(stages):
-        if stage.optimizer == "adamw_8bit":
-            raise FinetuneError(f"stages.{index}.optimizer: adamw_8bit under {launch()} is not supported (one "
-                                f"process or data parallel only); use adamw, or accelerate_configs/multi_gpu.yaml")
+    keys = [f"stages.{index}.optimizer" for index, stage in enumerate(stages) if stage.optimizer == "adamw_8bit"]
+    if keys:
+        raise FinetuneError(f"{', '.join(keys)}: adamw_8bit under {launch()} is not supported (one process or data "
+                            f"parallel only); use adamw there, or accelerate_configs/multi_gpu.yaml")
 
 
 def refuse_unsupported_model(spec, device: str) -> None:

@@ -8,7 +8,7 @@ it keeps its own tensors on the device, for the short time it needs them). What 
 not free: parameters (their module holds them), other leaves that require grad (autograd holds them to
 accumulate their gradient: the embedding output peft's `enable_input_require_grads` makes), and views or
 expansions of a larger storage.
-A tensor saved twice (a norm's input read by two ops) is copied once, and comes back once.
+A tensor saved twice (an input that two ops keep) is copied once, and comes back once.
 
 On CUDA the copy goes to pinned memory on a side stream, so it overlaps the next layer's compute, and the
 device memory is handed back once the copy is done; the backward copies it back on the compute stream when
@@ -126,6 +126,8 @@ class DecoderOffload:
         self._active[-1].__enter__()
 
     def _leave(self, decoder, args, kwargs, output) -> None:
+        if not self._active:  # `_enter` failed: let its error be the one seen
+            return
         offload = self._active.pop()
         offload.__exit__(None, None, None)
         if offload.offloaded_bytes and self._log is not None:

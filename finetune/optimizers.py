@@ -12,21 +12,22 @@ from typing import Any
 import torch
 from bitsandbytes.optim import AdamW as BnbAdamW
 
-TRAINER_OPTIM = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # transformers' names
-
-
 class AdamW8bit(BnbAdamW):
     """bitsandbytes' 8-bit AdamW with the same updates, minus its device synchronization after every tensor.
 
-    bitsandbytes' `step` calls `torch.cuda.synchronize()` after each tensor's update, which only its paged
-    (unified-memory) states need: otherwise every update is a kernel on the current stream, ordered like any
-    other. For a LoRA model that is one host stall per adapter tensor per step (448 for 8x7B with attention and
-    experts targeted), each draining the GPU's queue. Paged states keep bitsandbytes' own step.
+    bitsandbytes' `step` calls `torch.cuda.synchronize()` after each tensor's update. Its update kernels run on
+    the default CUDA stream, so when the step runs there too (as in the trainer) they are ordered like any other
+    kernel and the synchronization is needed only for paged (unified-memory) states. For a LoRA model it is one
+    host stall per adapter tensor per step (448 for 8x7B with attention and experts targeted), each draining the
+    GPU's queue. Paged states, and a step on another stream, keep bitsandbytes' own step.
+
+    (transformers keeps embeddings' moments in 32 bits when the optimizer's class name holds "bitsandbytes";
+    not this one's, which is moot while LoRA trains no embedding.)
     """
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.is_paged:
+        if self.is_paged or not _on_default_streams(self.param_groups):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -44,6 +45,11 @@ class AdamW8bit(BnbAdamW):
                     self.init_state(group, p, gindex, pindex)
                 self.update_step(group, p, gindex, pindex)
         return loss
+
+
+def _on_default_streams(param_groups) -> bool:
+    devices = {p.device for group in param_groups for p in group["params"] if p.is_cuda}
+    return all(torch.cuda.current_stream(d) == torch.cuda.default_stream(d) for d in devices)
 
 
 def trainer_optimizer(name: str, args) -> tuple[type, dict[str, Any]] | None:

@@ -40,8 +40,8 @@ def test_same_loss_and_gradients_with_the_layer_inputs_on_the_host(model):
     assert torch.equal(loss, loss_offloaded)
     assert grads.keys() == grads_offloaded.keys() and len(grads) > 0
     assert all(torch.equal(grads[n], grads_offloaded[n]) for n in grads)
-    # the checkpoints' layer inputs and the final norm's input (saved by two of its ops, copied once); not layer
-    # 0's input, the embedding output that peft makes a leaf requiring grad: autograd holds it anyway
+    # the checkpoints' layer inputs and the final norm's input; not layer 0's input, the embedding output that
+    # peft makes a leaf requiring grad: autograd holds it anyway
     assert offload.offloaded_bytes == model.config.num_hidden_layers * layer_input
 
 

@@ -68,8 +68,10 @@ def test_a_sharded_launch_refuses_it_naming_the_key(monkeypatch):
     from finetune.errors import FinetuneError
     from finetune.recipe.schema import SFTStage
 
-    stages = [SFTStage(type="sft"), SFTStage(type="sft", optimizer="adamw_8bit")]
+    stages = [SFTStage(type="sft", optimizer="adamw_8bit"), SFTStage(type="sft"),
+              SFTStage(type="sft", optimizer="adamw_8bit")]
     distributed.refuse_unsupported_optimizers(stages)  # one process: fine
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(FinetuneError, match=r"stages\.1\.optimizer: adamw_8bit under zero3 is not supported"):
+    with pytest.raises(FinetuneError, match=r"^stages\.0\.optimizer, stages\.2\.optimizer: adamw_8bit under zero3 "
+                                            r"is not supported"):
         distributed.refuse_unsupported_optimizers(stages)

@@ -23,6 +23,9 @@ def test_what_makes_the_host_wait_is_found_and_where():
     assert _ops(lambda: torch.bincount(idx, minlength=4)) == ["bincount"]
     assert _ops(lambda: torch.repeat_interleave(idx)) == ["repeat_interleave"]
     assert _ops(lambda: torch.equal(x, x)) == ["equal"]
+    # the usual MoE way to split tokens by expert: the counts read on the host
+    assert _ops(lambda: torch.split(x, torch.tensor([6, 10]).tolist())) == ["tolist"]
+    assert _ops(lambda: x.numpy()) == ["numpy"]
     with HostSyncs("cpu") as syncs:
         x.max().item()
     assert syncs.found[0].where.startswith("tests/test_syncs.py:")
@@ -41,7 +44,16 @@ def test_their_device_side_equivalents_are_not():
 def test_only_tensors_of_the_watched_device_count():
     with HostSyncs("cuda") as syncs:
         torch.randn(4).sum().item()
+        torch.randn(4).tolist()
     assert syncs.found == []
+    assert torch.Tensor.tolist is not None and "read" not in torch.Tensor.tolist.__qualname__  # put back
+
+
+def test_where_is_named_from_any_frame():
+    """Frames without a folder (code run by `python -c`, FX's generated code) still give a place."""
+    with HostSyncs("cpu") as syncs:
+        exec(compile("import torch; torch.ones(2).sum().item()", "<string>", "exec"))
+    assert syncs.found[0].where.startswith("<string>:1")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,7 @@ def _expert_layer(model):
     return next(m for m in model.modules() if hasattr(m, "deltas") and isinstance(m.get_base_layer(), QuantizedExperts))
 
 
-@pytest.mark.parametrize("kernel, expected", [("grouped", []), ("reference", ["bincount"])])
+@pytest.mark.parametrize("kernel, expected", [("grouped", []), ("reference", ["bincount", "tolist"])])
 def test_the_grouped_expert_kernel_never_waits_for_the_device(model, kernel, expected):
     layer = _expert_layer(model)
     experts = layer.get_base_layer()
@@ -65,7 +77,8 @@ def test_the_grouped_expert_kernel_never_waits_for_the_device(model, kernel, exp
         y = expert_forward(x, index, weights, experts, layer.deltas(), kernel=kernel)
         y.backward(torch.ones_like(y))
 
-    # the reference loop reads the routing counts on the host: the finder is not blind to our own code
+    # the reference loop counts the routing (bincount) and reads the counts on the host (tolist): the finder is
+    # not blind to our own code
     assert _ops(step) == expected
 
 

@@ -461,13 +461,27 @@ class PartitionReport(TrainerCallback):
 
 
 def use_recipe_optimizer(trainer, stage: Training) -> None:
-    """The recipe's `optimizer`, for the trainer to create when training starts. `optimizer_cls_and_kwargs` is the
-    Trainer's own attribute; trl's DPOTrainer takes no such argument, so it is set here for both stages."""
+    """The recipe's `optimizer`, for the trainer to create when training starts (`OptimizerReport` says which it
+    made). `optimizer_cls_and_kwargs` is the Trainer's own attribute; trl's DPOTrainer takes no such argument, so
+    it is set here for both stages."""
     from finetune.optimizers import trainer_optimizer
 
     choice = trainer_optimizer(stage.optimizer, trainer.args)
     if choice is not None:
         trainer.optimizer_cls_and_kwargs = choice
+    trainer.add_callback(OptimizerReport(stage.optimizer))
+
+
+class OptimizerReport(TrainerCallback):
+    """Prints, once training starts, the optimizer the trainer made for the recipe's `optimizer` key."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+        if distributed.is_main() and inner is not None:
+            print(f"[train] optimizer {self.name}: {type(inner).__module__}.{type(inner).__qualname__}")
 
 
 def shard_trained_model(trainer) -> None:

@@ -24,11 +24,12 @@ CHECKPOINTING = {"max_steps": 8, "grad_accum": 2, "save_steps": 2, "save_total_l
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_recipe) -> Path:
-    # SFT with its layer inputs offloaded to host memory, DPO with 8-bit AdamW: what either keeps must come back
-    # exactly too
+    # layer inputs offloaded to host memory in both stages, and DPO with 8-bit AdamW: what either keeps must come
+    # back exactly too
+    offload = {"gradient_checkpointing": True, "offload_activations": True}
     return tiny_recipe(tmp_path_factory.mktemp("recipe") / "crash.yaml", lora={"dropout": 0.1},
-                       sft={**CHECKPOINTING, "gradient_checkpointing": True, "offload_activations": True},
-                       dpo={**CHECKPOINTING, "max_steps": 6, "optimizer": "adamw_8bit"})
+                       sft={**CHECKPOINTING, **offload},
+                       dpo={**CHECKPOINTING, **offload, "max_steps": 6, "optimizer": "adamw_8bit"})
 
 
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:
@@ -80,11 +81,16 @@ def reference(uninterrupted) -> Path:
     return uninterrupted[0]
 
 
-def test_sft_kept_its_layer_inputs_in_host_memory(uninterrupted):
+def test_both_stages_kept_their_layer_inputs_in_host_memory(uninterrupted):
     """The recipe key reaches the trainer's model; that offloading changes no number is tests/test_offload.py's
     (bit for bit, through the same decoder hooks)."""
     sent = re.findall(r"\[memory\] the first training forward kept ([\d.]+) MiB of saved activations", uninterrupted[1])
-    assert len(sent) == 1 and float(sent[0]) > 0, uninterrupted[1][-2000:]  # SFT only: DPO does not offload
+    assert len(sent) == 2 and all(float(mib) > 0 for mib in sent), uninterrupted[1][-2000:]  # one line per stage
+
+
+def test_each_stage_trains_with_the_optimizer_it_names(uninterrupted):
+    made = re.findall(r"\[train\] optimizer (\S+): (\S+)", uninterrupted[1])
+    assert made == [("adamw", "torch.optim.adamw.AdamW"), ("adamw_8bit", "finetune.optimizers.AdamW8bit")]
 
 
 def test_each_stage_checkpoints_the_optimizer_it_was_given(reference):
@@ -178,12 +184,15 @@ def test_full_disk_is_named_and_not_a_traceback(recipe, tmp_path):
     assert message.startswith(f"cannot write under {tmp_path / 'run'}: ") and "File too large" in message, message
 
 
-def test_an_existing_run_needs_resume_or_overwrite_and_the_same_recipe(recipe, reference):
-    again = run(recipe, reference)
-    assert again.returncode == 2 and "already holds a run: pass --resume" in again.stderr
-    changed = run(recipe, reference, "--resume", "stages.1.beta=0.5", "seed=8")  # overrides after an option
-    assert changed.returncode == 2
-    assert "the recipe differs from the one this run started with (seed, stages.1.beta)" in changed.stderr
+def test_an_existing_run_needs_resume_or_overwrite_and_the_same_recipe(recipe, reference, capsys):
+    from finetune.cli import main
+
+    # both refusals come before anything loads: in this process (a child process costs seconds of imports)
+    assert main(command(recipe, reference)[3:]) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    changed = command(recipe, reference, "--resume", "stages.1.beta=0.5", "seed=8")  # overrides after an option
+    assert main(changed[3:]) == 2
+    assert "the recipe differs from the one this run started with (seed, stages.1.beta)" in capsys.readouterr().err
     finished = run(recipe, reference, "--resume")
     assert finished.returncode == 0
     assert "stage sft: already finished" in finished.stdout and "stage dpo: already finished" in finished.stdout
