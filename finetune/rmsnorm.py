@@ -2,10 +2,10 @@
 
 transformers' `MixtralRMSNorm` casts its input to float32 and autograd keeps that copy for the backward: twice
 the bytes of the input, per norm, while the layer's graph lives (two norms a layer, and the final norm through
-the whole backward: 64 MiB each at 4k tokens of 8x7B in bf16). `LeanRMSNorm` computes the forward with the
-very same operations (the output is bit for bit the stock one) and keeps the input in its own dtype plus one
-float32 scale per token; the backward recomputes the normalized rows from them. Frozen weights only (LoRA never
-trains a norm); with a trainable weight it runs the stock forward.
+the whole backward: 64 MiB each at 4k tokens of 8x7B in bf16). `LeanRMSNorm` computes the forward and the
+backward with the very same operations as autograd does on the stock one (output and gradient are bit for bit
+the stock ones) and keeps the input in its own dtype plus one float32 scale per token. Frozen weights only (LoRA never
+trains a norm); with a trainable weight, or a float32 input (nothing to save there), it runs the stock forward.
 """
 from __future__ import annotations
 
@@ -25,12 +25,15 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # the stock graph's backward, op for op, so the gradient is bit for bit autograd's: y = w * n.to(dtype),
+        # n = x32 * r, r = rsqrt(v + eps), v = mean(x32^2)
         x, weight, inv_rms = ctx.saved_tensors
-        normed = x.to(torch.float32) * inv_rms
-        # the gradient reaching the float32 normalized rows as autograd forms it: weight * grad in the product's
-        # dtype, rounded to the input's dtype (the cast's output), then widened
-        d_normed = (weight * grad).to(x.dtype).to(torch.float32)
-        dx = inv_rms * (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True))
+        x32 = x.to(torch.float32)
+        d_normed = (weight * grad).to(x.dtype).to(torch.float32)  # through the multiply and the cast
+        d_inv_rms = (d_normed * x32).sum(-1, keepdim=True)
+        d_variance = -0.5 * d_inv_rms * inv_rms.pow(3)
+        d_squares = d_variance.expand_as(x32) / x32.shape[-1]
+        dx = d_normed * inv_rms + d_squares * (2 * x32)
         return dx.to(x.dtype), None, None
 
 
@@ -43,7 +46,9 @@ class LeanRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad:
+        # float32 input: the stock norm makes no copy to keep (its cast returns the input itself), and inside a
+        # model autograd would add its two partial gradients to the input's others in another order
+        if self.weight.requires_grad or hidden_states.dtype == torch.float32:
             x32 = hidden_states.to(torch.float32)
             x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
             return self.weight * x32.to(hidden_states.dtype)
