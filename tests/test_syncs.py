@@ -82,11 +82,19 @@ def test_the_grouped_expert_kernel_never_waits_for_the_device(model, kernel, exp
     assert _ops(step) == expected
 
 
-def test_a_training_forward_and_backward_waits_once_in_transformers_mask_code(model):
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_training_forward_and_backward_waits_once_in_transformers_mask_code(model, offload):
+    """With the layer inputs offloaded too: on a GPU those copies are non-blocking, and on a CPU they stand in."""
+    from finetune.offload import offload_during_forward
+
     ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    hooks = offload_during_forward(model.get_base_model().model, "cpu", log=None) if offload else None
     with HostSyncs("cpu") as syncs:
         torch.autograd.grad(bench.as_trained(bench.fast_loss)(model, ids), trainable)
+    if hooks is not None:
+        hooks.remove()
+        assert hooks.offloaded_bytes > 0
     # transformers 5 reads whether position ids hold packed sequences (masking_utils.find_packed_sequence_indices):
     # one read per forward, before the first layer; the layers, their recomputation, the loss and the backward
     # add none
