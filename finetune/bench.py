@@ -7,7 +7,8 @@
 Both paths: the model built directly in 4-bit (NF4, double quantization), LoRA r=16 (alpha 32) on q/k/v/o and
 on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW, a bf16 model run under bf16 autocast as
 the trainer runs it (`as_trained`); tokens/s is seq / median step time over
-`--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included).
+`--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included),
+host s (GPU) the median time until the host had issued a step's last kernel (well under step s: GPU-bound).
   fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU, --full-shape;
          `finetune.optimizers.AdamW8bit`, the recipe's `adamw_8bit`).
   naive: one bitsandbytes Linear4bit per expert projection, a Python loop over experts (peft LoRA on each),
@@ -75,6 +76,10 @@ class Row:
     peak_gib: float | None
     loss: float | None
     note: str = ""
+    # GPU: median seconds until the host had issued the step's last kernel. Well under step_s: the host ran ahead
+    # and the kernels bound the step. Near it: the host bound it, or CUDA's launch queue was full and held the host
+    # back (the profile's CPU and GPU times tell which).
+    host_s: float | None = None
 
 
 # ---------------------------------------------------------------- models
@@ -426,15 +431,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int, warmup: int) -> tuple[float, float | None, float]:
-    """(median step seconds, peak GiB or None on CPU, last loss) over `steps` after `warmup` steps."""
+def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int,
+               warmup: int) -> tuple[float, float | None, float | None, float]:
+    """(median step seconds, median host seconds or None on CPU, peak GiB or None on CPU, last loss) over `steps`
+    after `warmup` steps. Host seconds: until the step's last kernel was issued, before waiting for the GPU."""
     device = next(peft_model.parameters()).device
     ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, issued = [], []
     for i in range(warmup + steps):
         _sync(device)
         started = time.perf_counter()
@@ -442,19 +449,22 @@ def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int, w
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        launched = time.perf_counter()
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return statistics.median(times), peak, loss.item()
+            issued.append(launched - started)
+    if device.type != "cuda":  # nothing runs ahead of the host: its time is the step's
+        return statistics.median(times), None, None, loss.item()
+    return statistics.median(times), statistics.median(issued), torch.cuda.max_memory_allocated(device) / GIB, loss.item()
 
 
 def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup: int, note: str, log) -> list[Row]:
     rows = []
     for seq in seqs if steps else ():  # --steps 0: no timing (e.g. only --memory)
         try:
-            step_s, peak, loss = time_steps(peft_model, loss_fn, optimizer, seq, steps, warmup)
-            rows.append(Row(label, seq, seq / step_s, step_s, peak, loss, note))
+            step_s, host_s, peak, loss = time_steps(peft_model, loss_fn, optimizer, seq, steps, warmup)
+            rows.append(Row(label, seq, seq / step_s, step_s, peak, loss, note, host_s))
         except torch.cuda.OutOfMemoryError as e:  # a path that does not fit is a result, not a crash
             rows.append(Row(label, seq, None, None, None, None, f"out of memory: {str(e)[:80]}"))
         log(format_row(rows[-1]))
@@ -477,7 +487,8 @@ def report_host_syncs(peft_model, loss_fn: Callable, optimizer, seq: int, log) -
             torch.autograd.grad(loss_fn(peft_model, ids), [p for p in peft_model.parameters() if p.requires_grad])
     optimizer.zero_grad(set_to_none=True)
     scope = "step" if device.type == "cuda" else "forward and backward"
-    log(f"host syncs in one fast {scope} at seq {seq}: {len(syncs.found)} ({syncs.summary()})")
+    log(f"host syncs in one fast {scope} at seq {seq}: {len(syncs.found)} ({syncs.summary()}); "
+        f"{syncs.ops:,} ops dispatched on {device.type}")
 
 
 def account_memory(peft_model, loss_fn: Callable, optimizer, label: str, seqs, log) -> None:
@@ -505,7 +516,9 @@ def profile(peft_model, loss_fn: Callable, optimizer, seq: int, log) -> None:
     """Where a fast step's GPU time goes (top kernels), and one layer's expert kernel per dequantization chunking."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    from finetune.moe.dequant_kernel import strided_dequantizer
     from finetune.moe.quantized_experts import QuantizedExperts, expert_forward
+    from finetune.syncs import HostSyncs
 
     device = next(peft_model.parameters()).device
     ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
@@ -517,23 +530,32 @@ def profile(peft_model, loss_fn: Callable, optimizer, seq: int, log) -> None:
     log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     layer = next(m for m in peft_model.modules() if hasattr(m, "deltas") and isinstance(m.get_base_layer(), QuantizedExperts))
     experts = layer.get_base_layer()
-    chunks_before = getattr(experts, "dequant_chunks", None)
+    chunks_before, strided_before = experts.dequant_chunks, experts.strided_dequant
     x = torch.randn(seq, experts.hidden_dim, device=device, dtype=experts.compute_dtype).requires_grad_()
     weights, index = torch.randn(x.shape[0], experts.num_experts, device=device).softmax(-1).topk(2, dim=-1)
-    for chunks in (1, 2, 4, 8):
-        experts.dequant_chunks = chunks
-        for i in range(4):
-            if i == 1:
-                _sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                started = time.perf_counter()
+    # each chunking with bitsandbytes' calls and, unless it is off or missing, the one-launch strided dequantizer
+    # (1 chunk: one call either way)
+    with_strided = strided_before and device.type == "cuda" and strided_dequantizer() is not None
+    runs = [(1, False)] + [(chunks, strided) for chunks in (2, 4, 8) for strided in (True, False)
+                           if with_strided or not strided]
+    for chunks, strided in runs:
+        experts.dequant_chunks, experts.strided_dequant = chunks, strided
+        with HostSyncs(device.type) as dispatched:  # the first call (a warm-up) counts the ops
             y = expert_forward(x, index, weights, experts, layer.deltas(), kernel="grouped")
             y.backward(torch.ones_like(y))
         _sync(device)
-        log(f"one layer, {x.shape[0]} tokens, chunks={chunks}: fwd+bwd {(time.perf_counter() - started) / 3 * 1e3:.1f} ms, "
-            f"transient peak {(torch.cuda.max_memory_allocated(device) - base) / GIB:.2f} GiB")
-    experts.dequant_chunks = chunks_before
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
+        for _ in range(3):
+            y = expert_forward(x, index, weights, experts, layer.deltas(), kernel="grouped")
+            y.backward(torch.ones_like(y))
+        _sync(device)
+        how = "" if chunks == 1 else (", strided dequantizer" if strided else ", bitsandbytes calls")
+        log(f"one layer, {x.shape[0]} tokens, chunks={chunks}{how}: fwd+bwd "
+            f"{(time.perf_counter() - started) / 3 * 1e3:.1f} ms, {dispatched.ops} ops, transient peak "
+            f"{(torch.cuda.max_memory_allocated(device) - base) / GIB:.2f} GiB")
+    experts.dequant_chunks, experts.strided_dequant = chunks_before, strided_before
 
 
 # ---------------------------------------------------------------- report
@@ -543,12 +565,12 @@ def format_row(r: Row) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    return (f"| {r.path} | {r.seq} | {num(r.tokens_per_s, ',.0f')} | {num(r.step_s, '.3f')} | {num(r.peak_gib, '.2f')} "
-            f"| {num(r.loss, '.4f')} | {r.note} |")
+    return (f"| {r.path} | {r.seq} | {num(r.tokens_per_s, ',.0f')} | {num(r.step_s, '.3f')} | {num(r.host_s, '.3f')} "
+            f"| {num(r.peak_gib, '.2f')} | {num(r.loss, '.4f')} | {r.note} |")
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = ["| path | seq | tokens/s | step s | peak GiB | loss | notes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| path | seq | tokens/s | step s | host s | peak GiB | loss | notes |", "|---|---|---|---|---|---|---|---|"]
     lines += [format_row(r) for r in rows]
     for seq in sorted({r.seq for r in rows}):
         fast = next((r for r in rows if r.path == "fast" and r.seq == seq and r.tokens_per_s), None)
@@ -574,11 +596,12 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         f"attention {model.config._attn_implementation}; built in 4-bit in {time.perf_counter() - started:.1f} s")
     if device == "cuda":
         log(f"weights resident: {torch.cuda.memory_allocated() / GIB:.2f} GiB")
-    from finetune.moe.quantized_experts import QuantizedExperts
+    from finetune.moe.quantized_experts import QuantizedExperts, set_expert_chunks
 
+    set_expert_chunks(model, args.chunks)  # as `stages[].expert_chunks` does in training
     for m in model.modules():
-        if isinstance(m, QuantizedExperts) and args.chunks:
-            m.dequant_chunks = args.chunks
+        if isinstance(m, QuantizedExperts):
+            m.strided_dequant = not args.no_strided_dequant
     peft_model = with_lora(model, naive=False)
     tol = TOLERANCE[dtype]
     check = check_fast_path(peft_model, args.check_seq, as_trained(fast_loss), tol)
@@ -627,10 +650,10 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
     return rows, check
 
 
-def _count(text: str) -> int:
+def _count(text: str, least: int = 0) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}")
     return value
 
 
@@ -654,8 +677,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--naive-steps", type=int, default=None, help="timed steps for the naive path (default --steps)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--check-seq", type=int, default=256, help="tokens for the fast-vs-reference check")
-    p.add_argument("--chunks", type=int, default=None,
+    p.add_argument("--chunks", type=lambda text: _count(text, least=1), default=None,
                    help="dequantization chunks per expert stack (default finetune.moe.grouped.DEFAULT_CHUNKS)")
+    p.add_argument("--no-strided-dequant", action="store_true",
+                   help="GPU: dequantize expert chunks with bitsandbytes' calls (one per expert and row group) "
+                        "instead of finetune.moe.dequant_kernel's one launch (FINETUNE_STRIDED_DEQUANT=0 in training)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive path")
     p.add_argument("--profile", action="store_true", help="GPU: top kernels of one fast step, and one layer per chunking")
     p.add_argument("--optimizer-in-backward", action="store_true",

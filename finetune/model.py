@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.recipe.schema import TINY_MIXTRAL, LoraSpec, ModelSpec
+from finetune.recipe.schema import TINY_MIXTRAL, LoraSpec, ModelSpec, Training
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -89,14 +89,23 @@ def _with_recipe_dropout(model, spec: LoraSpec):
     return model
 
 
-def offload_decoder_activations(model, device: str):
-    """The recipe's `offload_activations`: the decoder's checkpointed layer inputs wait in host memory; returns
-    the `finetune.offload.DecoderOffload` (its hooks)."""
+def apply_stage_memory_settings(model, stage: Training, device: str) -> None:
+    """A stage's memory settings on the model it trains: the expert kernel's dequantization pieces
+    (`expert_chunks`) and, with `offload_activations`, the checkpointed layer inputs in host memory."""
     from finetune import distributed
-    from finetune.offload import offload_during_forward
+    from finetune.moe.grouped import DEFAULT_CHUNKS, chunk_count
+    from finetune.moe.quantized_experts import QuantizedExperts, set_expert_chunks
 
-    return offload_during_forward(model.get_base_model().model, torch.device(device).type,
-                                  log=print if distributed.is_main() else lambda line: None)
+    log = print if distributed.is_main() else lambda line: None
+    if set_expert_chunks(model, stage.expert_chunks):
+        experts = next(m for m in model.modules() if isinstance(m, QuantizedExperts))
+        pieces = chunk_count(experts, stage.expert_chunks or DEFAULT_CHUNKS)
+        asked = "default" if stage.expert_chunks is None else f"asked {stage.expert_chunks}"
+        log(f"[model] the grouped expert kernel dequantizes each 4-bit expert stack in {pieces} pieces ({asked})")
+    if stage.offload_activations:
+        from finetune.offload import offload_during_forward
+
+        offload_during_forward(model.get_base_model().model, torch.device(device).type, log=log)
 
 
 def trainable_summary(model) -> str:

@@ -72,7 +72,8 @@ def _caller() -> str:
 
 
 class HostSyncs(TorchDispatchMode):
-    """`with HostSyncs("cuda") as syncs: ...`; then `syncs.found` lists each one, in order.
+    """`with HostSyncs("cuda") as syncs: ...`; then `syncs.found` lists each one, in order, and `syncs.ops` counts
+    the device's ops (each one host work, a kernel launch unless it is a view: what a launch-bound step is made of).
 
     Only ops on tensors of `device_type` count (or copying to it), so that on a CPU ("cpu") the model's tensors
     stand for a GPU's. The host-side tensors of a GPU run (an optimizer's step counters) would count there too:
@@ -83,6 +84,7 @@ class HostSyncs(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self.found: list[HostSync] = []
+        self.ops = 0
         self._host_reads: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -90,6 +92,7 @@ class HostSyncs(TorchDispatchMode):
         watched = any(isinstance(t, torch.Tensor) and t.device.type == self.device_type for t in tree_leaves(args))
         target = kwargs.get("device")
         watched = watched or (target is not None and torch.device(target).type == self.device_type)
+        self.ops += watched
         if watched and _makes_host_wait(func, args, kwargs):
             self.found.append(HostSync(str(func.overloadpacket.__name__), _caller()))
         return func(*args, **kwargs)

@@ -1,5 +1,6 @@
 """Export: a streaming merge in the original Mixtral layout, verified every time; adapters alone; chat."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from finetune import model as models
+from finetune.cli import main
 from finetune.export import ExportError, RunFiles, _prompts, export_adapter, export_merged, verify_export
 from finetune.recipe.schema import LoraSpec, ModelSpec
 
@@ -121,18 +123,17 @@ def test_adapter_only_export_loads_with_stock_peft(run, tmp_path):
     assert all(torch.isfinite(x).all() for x in logits(stock, run))
 
 
-def test_export_and_chat_from_the_command_line(run, tmp_path):
+def test_export_and_chat_from_the_command_line(run, tmp_path, capsys, monkeypatch):
+    # both commands in this process (a child process costs seconds of imports)
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "finetune.cli", "export", str(run.run_dir), "--out", str(out),
-                           "--dtype", "float32"], capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"exported to {out}" in done.stdout
+    assert main(["export", str(run.run_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert f"exported to {out}" in stdout
     # progress bars with rate and ETA on stderr: the streaming merge over the base's tensors, and transformers'
     # own over the weights of each reload (base+adapter for the reference, the export for the verification)
-    assert "[export] merging: 100%" in done.stderr and "tensor/s]" in done.stderr
-    assert done.stderr.count("Loading weights: 100%") >= 2 and "[export] merging:" not in done.stdout
-    chat = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(out), "--max-new-tokens", "8"],
-                          input="What is the capital of Peru?\n/reset\nCount from 2 to 5.\n/exit\n",
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert chat.returncode == 0, chat.stderr[-2000:]
-    assert chat.stdout.count("assistant> ") == 2 and chat.stdout.count("you> ") == 4
+    assert "[export] merging: 100%" in stderr and "tensor/s]" in stderr
+    assert stderr.count("Loading weights: 100%") >= 2 and "[export] merging:" not in stdout
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of Peru?\n/reset\nCount from 2 to 5.\n/exit\n"))
+    assert main(["chat", str(out), "--max-new-tokens", "8"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("assistant> ") == 2 and stdout.count("you> ") == 4

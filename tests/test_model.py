@@ -1,4 +1,5 @@
-"""The recipe's LoRA section reaches the model: groups, ranks, dropout per group, the router switch."""
+"""The recipe reaches the model: the LoRA section (groups, ranks, dropout per group, the router switch) and a
+stage's memory settings."""
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from torch import nn
 from finetune import model as models
 from finetune.moe import ExpertLoraLayer
 from finetune.moe.tiny import build_tiny_mixtral
-from finetune.recipe.schema import LoraSpec, ModelSpec
+from finetune.moe.grouped import DEFAULT_CHUNKS
+from finetune.moe.quantized_experts import QuantizedExperts
+from finetune.recipe.schema import LoraSpec, ModelSpec, SFTStage
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +66,16 @@ def test_each_launched_process_takes_its_own_gpu(monkeypatch):
     assert models.resolve_device(ModelSpec(name_or_path="x", device="cpu")) == "cpu"
     monkeypatch.delenv("LOCAL_RANK")
     assert models.resolve_device(ModelSpec(name_or_path="x", device="cuda")) == "cuda:0"
+
+
+def test_a_stage_sets_the_expert_kernel_pieces_it_asks_for(base_path, capsys):
+    model = attach(base_path)
+    experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    assert experts and experts[0].intermediate_dim == 256  # pieces of whole 64-row blocks: 1, 2 or 4
+    for asked, pieces in ((None, 2), (1, 1), (3, 2), (8, 4)):
+        models.apply_stage_memory_settings(model, SFTStage(type="sft", expert_chunks=asked), "cpu")
+        assert {m.dequant_chunks for m in experts} == {asked}
+        expected = "default" if asked is None else f"asked {asked}"
+        assert f"dequantizes each 4-bit expert stack in {pieces} pieces ({expected})" in capsys.readouterr().out
+    # the recipe reference names the kernel's default, from its one definition
+    assert f"DEFAULT_CHUNKS ({DEFAULT_CHUNKS})" in SFTStage.model_fields["expert_chunks"].description

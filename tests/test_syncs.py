@@ -82,6 +82,23 @@ def test_the_grouped_expert_kernel_never_waits_for_the_device(model, kernel, exp
     assert _ops(step) == expected
 
 
+def test_the_grouped_expert_kernel_does_the_same_host_work_at_any_length(model):
+    """Ops one layer's experts dispatch, forward and backward, do not grow with the tokens: no loop over tokens or
+    over routed rows (where a GPU step is launch-bound, each op is host time)."""
+    layer = _expert_layer(model)
+    experts = layer.get_base_layer()
+    dispatched = {}
+    for tokens in (64, 1024):
+        g = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, experts.hidden_dim, generator=g, dtype=experts.compute_dtype).requires_grad_()
+        weights, index = torch.randn(tokens, experts.num_experts, generator=g).softmax(-1).topk(2, dim=-1)
+        with HostSyncs("cpu") as syncs:
+            y = expert_forward(x, index, weights, experts, layer.deltas(), kernel="grouped")
+            y.backward(torch.ones_like(y))
+        dispatched[tokens] = syncs.ops
+    assert dispatched[64] == dispatched[1024] > 0, dispatched
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_a_training_forward_and_backward_waits_once_in_transformers_mask_code(model, offload):
     """With the layer inputs offloaded too: on a GPU those copies are non-blocking, and on a CPU they stand in."""

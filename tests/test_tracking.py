@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.cli import main
 from finetune.recipe import load_recipe
 from finetune.recipe.schema import dashboard_installed
 from finetune.secrets import find_secrets, redact
@@ -321,18 +322,23 @@ def test_no_secret_leaves_the_environment(run):
         assert value not in run["first"] and value not in run["resumed"]
 
 
-def test_a_recipe_holding_a_secret_is_refused_before_anything_is_written(tmp_path, tiny_recipe):
+def test_a_recipe_holding_a_secret_is_refused_before_anything_is_written(tmp_path, tiny_recipe, monkeypatch, capsys):
     recipe = tiny_recipe(tmp_path / "recipe.yaml", **TRACKED)
-    env = clean_env(tmp_path)
+    # the environment `clean_env` gives the child processes above, in this process
+    for name in [n for n in os.environ if n.startswith(("WANDB_", "MLFLOW_", "TRACKIO_", "HF_"))]:
+        monkeypatch.delenv(name)
+    for name, value in {"HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", **SENTINELS}.items():
+        monkeypatch.setenv(name, value)
     token = "hf_" + "SENTINELrecipe" * 3  # shaped like a hub token, in no environment variable
     for cmd, override, why in (("run", f"tracking.notes=token {token}", "tracking.notes: looks like a Hugging Face"),
                                ("validate", f"tracking.tags=[{SENTINELS['MY_SERVICE_PASSWORD']}]",
                                 "tracking.tags.0: holds the value of $MY_SERVICE_PASSWORD")):
-        done = subprocess.run([sys.executable, "-m", "finetune.cli", cmd, str(recipe), f"output_dir={tmp_path / 'out'}",
-                               override], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-        assert done.returncode == 2, done.stdout + done.stderr
-        assert "look like secrets" in done.stderr and why in done.stderr, done.stderr
-        assert not any(v in done.stdout + done.stderr for v in [token, *SENTINELS.values()])
+        # in this process (the refusal comes before anything loads; a child process costs seconds of imports)
+        code = main([cmd, str(recipe), f"output_dir={tmp_path / 'out'}", override])
+        out, err = capsys.readouterr()
+        assert code == 2, out + err
+        assert "look like secrets" in err and why in err, err
+        assert not any(v in out + err for v in [token, *SENTINELS.values()])
     assert not (tmp_path / "out").exists()
 
 

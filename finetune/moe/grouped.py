@@ -5,7 +5,8 @@ Per layer call:
     so nothing waits on the host;
   - the 4-bit stacks are dequantized whole-expert-stack, in chunks along the intermediate dimension (an
     expert MLP is a sum over that dimension): chunk c's W1/W3 rows and W2 columns of all experts are made,
-    used and freed before chunk c+1, so at most one chunk of dense weights exists at a time;
+    used and freed before chunk c+1, so at most one chunk of dense weights exists at a time; on a GPU with
+    triton each chunk is made in one launch (`finetune.moe.dequant_kernel`), not one call per expert;
   - base and LoRA products are `torch._grouped_mm` calls over the per-expert stacks, LoRA added to the
     base output of the same chunk (w1 and w3 LoRA as one block-diagonal product);
   - a custom autograd Function saves the layer's inputs, the rank-r LoRA intermediates and the gate/up
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dequant_kernel import strided_dequantizer
 from .quantized_experts import BLOCKSIZE, ExpertLoraDelta, QuantizedExperts
 
 # Chunks of the intermediate dimension per layer call. Measured on an H100 (8x7B, seq 4096): 1 chunk 3,526 tok/s,
@@ -113,7 +115,7 @@ def grouped_expert_forward(
         # projection); None: the w1/w3 LoRA reads x itself
         tensors.append(delta.dropout(x) if p else None)
         tensors += [delta.lora_A[p] for p in _LORA_PARAMS] + [delta.lora_B[p] for p in _LORA_PARAMS]
-    plan = _Plan(experts, chunk_count(experts, getattr(experts, "dequant_chunks", None) or DEFAULT_CHUNKS),
+    plan = _Plan(experts, chunk_count(experts, experts.dequant_chunks or DEFAULT_CHUNKS),
                  experts.compute_dtype, tuple(adapters))
     y = _GroupedExpertMLP.apply(plan, x, offs, *tensors)
 
@@ -166,6 +168,11 @@ def _swiglu_backward(h: torch.Tensor, d_act: torch.Tensor, inter: int, out: torc
 @functools.cache
 def _triton_swiglu_backward():
     """One fused pass over [gate | up] and d_act (eager torch makes ~10 fp32 temporaries); None without triton."""
+    return make_triton_swiglu_backward()
+
+
+def make_triton_swiglu_backward():
+    """A new launcher of that pass; with TRITON_INTERPRET=1 in the environment, one that runs on CPU tensors."""
     try:
         import triton
         import triton.language as tl
@@ -181,7 +188,7 @@ def _triton_swiglu_backward():
         gate = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
+        sig = 1 / (1 + tl.exp(-gate))  # tl.sigmoid, written out: the interpreter cannot call library jit functions
         out_row = out_ptr + row * 2 * inter
         tl.store(out_row + cols, (d * up * sig * (1 + gate * (1 - sig))).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_row + inter + cols, (d * gate * sig).to(out_ptr.dtype.element_ty), mask=mask)
@@ -203,19 +210,40 @@ def _block_diag_b(b1: torch.Tensor, b3: torch.Tensor, rows: slice, dtype: torch.
     return out
 
 
-def _dequantize_gate_up(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype) -> torch.Tensor:
-    """[E, 2c, H]: chunk `chunk` of the w1 rows, then the same chunk of the w3 rows, of every expert."""
+def _strided_dequantizer(experts: QuantizedExperts):
+    """The one-launch dequantizer of `finetune.moe.dequant_kernel` on a GPU with triton (unless the experts' switch
+    is off), else None."""
+    return strided_dequantizer() if experts.strided_dequant and experts.gate_up_proj.data.is_cuda else None
+
+
+def _dequantize_gate_up(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype,
+                        strided=None) -> torch.Tensor:
+    """[E, 2c, H]: chunk `chunk` of the w1 rows, then the same chunk of the w3 rows, of every expert.
+    `strided`: a launcher from `finetune.moe.dequant_kernel` (one launch, instead of one call per expert and row
+    group)."""
+    stack, inter, hidden = experts.gate_up_proj, experts.intermediate_dim, experts.hidden_dim
+    num_experts = experts.num_experts
     if chunks == 1:  # the whole stack: one contiguous run, one call
-        return experts.gate_up_proj.dequantize_part(scales, (1,), (0,), experts.gate_up_proj.shape, dtype)
-    c = experts.intermediate_dim // chunks
-    return experts.gate_up_proj.dequantize_rows(scales, slice(chunk * c, (chunk + 1) * c), dtype, groups=2)
+        return stack.dequantize_part(scales, (1,), (0,), stack.shape, dtype)
+    c = inter // chunks
+    if strided is not None:
+        out = torch.empty(num_experts, 2, c, hidden, dtype=dtype, device=stack.data.device)
+        strided(stack.data, scales, stack.code, out, chunk * c * hidden, (2 * inter * hidden, inter * hidden, hidden),
+                BLOCKSIZE)
+        return out.view(num_experts, 2 * c, hidden)
+    return stack.dequantize_rows(scales, slice(chunk * c, (chunk + 1) * c), dtype, groups=2)
 
 
-def _dequantize_down(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype) -> torch.Tensor:
-    """[E, H, c]: columns chunk*c .. (chunk+1)*c of every expert's w2."""
-    c = experts.intermediate_dim // chunks
-    return experts.down_proj.dequantize_part(
-        scales, (experts.hidden_dim, chunks), (slice(None), chunk), (experts.num_experts, experts.hidden_dim, c), dtype)
+def _dequantize_down(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype, strided=None) -> torch.Tensor:
+    """[E, H, c]: columns chunk*c .. (chunk+1)*c of every expert's w2 (`strided`: as for `_dequantize_gate_up`,
+    reading the columns where they lie instead of from a gathered copy of their packed bytes)."""
+    stack, inter, hidden = experts.down_proj, experts.intermediate_dim, experts.hidden_dim
+    num_experts, c = experts.num_experts, inter // chunks
+    if strided is not None and chunks > 1:
+        out = torch.empty(num_experts, 1, hidden, c, dtype=dtype, device=stack.data.device)
+        strided(stack.data, scales, stack.code, out, chunk * c, (hidden * inter, 0, inter), BLOCKSIZE)
+        return out.view(num_experts, hidden, c)
+    return stack.dequantize_part(scales, (hidden, chunks), (slice(None), chunk), (num_experts, hidden, c), dtype)
 
 
 def _adapter_tensors(plan: _Plan, tensors: Sequence) -> list[dict]:
@@ -236,6 +264,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         inter = experts.intermediate_dim // chunks
         adapters = _adapter_tensors(plan, tensors)
         gate_up_scales, down_scales = experts.gate_up_proj.block_scales(), experts.down_proj.block_scales()
+        strided = _strided_dequantizer(experts)
 
         # rank-r LoRA inputs: [x A1^T | x A3^T] per adapter
         xa = [_gmm(a["x"] if a["x"] is not None else x, torch.cat([a["A"]["w1"], a["A"]["w3"]], 1).to(dt).transpose(1, 2), offs)
@@ -244,7 +273,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         hidden, masks, y = [], [], None
         for c in range(chunks):
             rows = slice(c * inter, (c + 1) * inter)
-            w13 = _dequantize_gate_up(experts, gate_up_scales, c, chunks, dt)
+            w13 = _dequantize_gate_up(experts, gate_up_scales, c, chunks, dt, strided)
             h = _gmm(x, w13.transpose(1, 2), offs)
             del w13
             for j, (a, spec) in enumerate(zip(adapters, plan.adapters)):
@@ -259,7 +288,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                     lora_in = act * keep / (1 - spec.dropout)
                 part = _gmm(lora_in, a["A"]["w2"][:, :, rows].to(dt).contiguous().transpose(1, 2), offs).float()
                 aa2[j] = part if aa2[j] is None else aa2[j].add_(part)
-            w2 = _dequantize_down(experts, down_scales, c, chunks, dt)
+            w2 = _dequantize_down(experts, down_scales, c, chunks, dt, strided)
             part = _gmm(act, w2.transpose(1, 2), offs)
             del w2, act
             y = part if y is None else y.add_(part)  # bf16 sum of the chunks' partial products
@@ -284,6 +313,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         adapters = _adapter_tensors(plan, tensors)
         empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
         gate_up_scales, down_scales = experts.gate_up_proj.block_scales(), experts.down_proj.block_scales()
+        strided = _strided_dequantizer(experts)
         dy = dy.to(dt).contiguous()
 
         grads = [{"x": None, "A": {}, "B": {}} for _ in adapters]
@@ -295,7 +325,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         dx, mask_iter = None, iter(masks)
         for c in range(chunks):
             rows = slice(c * inter, (c + 1) * inter)
-            w2 = _dequantize_down(experts, down_scales, c, chunks, dt)
+            w2 = _dequantize_down(experts, down_scales, c, chunks, dt, strided)
             d_act = _gmm(dy, w2, offs)
             del w2
             act, dh = _swiglu_backward_prepare(hidden[c], inter)
@@ -309,7 +339,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 d_act.add_(d_in if keep is None else d_in * keep / (1 - spec.dropout))
             dh = _swiglu_backward(hidden[c], d_act, inter, dh)
             del d_act, act
-            w13 = _dequantize_gate_up(experts, gate_up_scales, c, chunks, dt)
+            w13 = _dequantize_gate_up(experts, gate_up_scales, c, chunks, dt, strided)
             part = _gmm(dh, w13, offs)
             del w13
             dx = part if dx is None else dx.add_(part)

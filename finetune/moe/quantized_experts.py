@@ -203,6 +203,10 @@ class QuantizedExperts(nn.Module):
         self.compute_dtype = compute_dtype
         self.act_fn = act_fn
         self.kernel: ExpertKernel = "auto"
+        self.dequant_chunks: int | None = None  # the grouped kernel's pieces per stack; None: its default
+        # on a GPU with triton, the grouped kernel makes each piece in one launch (`finetune.moe.dequant_kernel`);
+        # False: with bitsandbytes' dequantize, one call per expert and row group
+        self.strided_dequant = True
         self.gate_up_proj = Packed4bitStack(gate_up, quant_type, double_quant)
         self.down_proj = Packed4bitStack(down, quant_type, double_quant)
 
@@ -254,6 +258,17 @@ def set_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
     for m in experts:
         m.kernel = kernel
+    return len(experts)
+
+
+def set_expert_chunks(model: nn.Module, chunks: int | None) -> int:
+    """Set the grouped kernel's dequantization pieces (None: its default) on every `QuantizedExperts` in `model`;
+    returns how many were set."""
+    if chunks is not None and chunks < 1:
+        raise ValueError(f"expert chunks must be 1 or more, got {chunks}")
+    experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    for m in experts:
+        m.dequant_chunks = chunks
     return len(experts)
 
 

@@ -243,6 +243,12 @@ class Training(Section):
                            "less GPU memory per layer but the first (about 1 GiB for Mixtral-8x7B at 4k tokens), the same "
                            "computation."
     )
+    expert_chunks: PositiveInt | None = Field(
+        None, description="Pieces the grouped expert kernel dequantizes each layer's 4-bit expert stacks in, along the "
+                          "intermediate dimension (one piece of dense weights exists at a time): more pieces, less GPU "
+                          "memory and a little less speed. Rounded down to a count that cuts whole 4-bit blocks; null: "
+                          "finetune.moe.grouped.DEFAULT_CHUNKS (2)."
+    )
     logging_steps: PositiveInt = 10
     save_steps: PositiveInt = 200
     save_total_limit: PositiveInt | None = Field(

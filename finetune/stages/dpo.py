@@ -37,8 +37,7 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
     else:
         model = models.attach_new_adapter(base, recipe.lora)
     print(models.trainable_summary(model))
-    if stage.offload_activations:
-        models.offload_decoder_activations(model, device)
+    models.apply_stage_memory_settings(model, stage, device)
 
     args = DPOConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),
                         "beta": stage.beta, "loss_type": [stage.loss_type], **prepared.trainer_kwargs})

@@ -28,8 +28,7 @@ def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenize
     print(report)
     model = models.attach_new_adapter(base, recipe.lora)
     print(models.trainable_summary(model))
-    if stage.offload_activations:
-        models.offload_decoder_activations(model, device)
+    models.apply_stage_memory_settings(model, stage, device)
 
     # the data's settings (padding-free packing) override the stage's, e.g. max_length
     args = SFTConfig(**{**trainer_kwargs(recipe, stage, stage_dir, bool(held_out), device),

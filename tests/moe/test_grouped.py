@@ -207,3 +207,19 @@ def test_swiglu_backward_without_triton_in_row_blocks_equals_autograd(monkeypatc
     leaf = h.clone().requires_grad_()
     (torch.nn.functional.silu(leaf[:, :16]) * leaf[:, 16:]).backward(d_act)
     assert torch.allclose(grouped._swiglu_backward(h, d_act, 16, None), leaf.grad, atol=1e-6)
+
+
+def test_swiglu_backward_with_triton_equals_autograd(monkeypatch):
+    """The fused kernel a GPU runs, here by Triton's interpreter on CPU tensors."""
+    pytest.importorskip("triton", reason="triton is a dev dependency (Linux x86_64)")
+    from finetune.moe import grouped
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launch = grouped.make_triton_swiglu_backward()
+    g = torch.Generator().manual_seed(0)
+    h, d_act = torch.randn(10, 2 * 1100, generator=g), torch.randn(10, 1100, generator=g)  # two column blocks
+    leaf = h.clone().requires_grad_()
+    (torch.nn.functional.silu(leaf[:, :1100]) * leaf[:, 1100:]).backward(d_act)
+    out = torch.empty_like(h)
+    launch(h, d_act, out, 1100)
+    assert torch.allclose(out, leaf.grad, atol=1e-6)

@@ -137,3 +137,20 @@ def test_offloading_activations_needs_checkpointing(tmp_path):
     assert f"{path}:8: stages.0.offload_activations: needs gradient_checkpointing: true" in str(info.value)
     with_checkpointing = ["stages.0.gradient_checkpointing=true", "stages.0.offload_activations=true"]
     assert load_recipe(QUICKSTART, with_checkpointing).stages[0].offload_activations
+
+
+def test_expert_chunks_are_a_positive_count_or_the_kernel_default(tmp_path):
+    assert load_recipe(QUICKSTART).stages[0].expert_chunks is None
+    assert load_recipe(QUICKSTART, ["stages.1.expert_chunks=4"]).stages[1].expert_chunks == 4
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+            expert_chunks: 0
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{path}:7: stages.0.expert_chunks:" in str(info.value) and "greater than 0" in str(info.value)

@@ -41,10 +41,10 @@ def run(recipe: Path, out: Path, *extra: str, **kwargs) -> subprocess.CompletedP
                           **kwargs)
 
 
-def run_until(recipe: Path, out: Path, marker: str, sig: int) -> tuple[int, list[str]]:
+def run_until(recipe: Path, out: Path, marker: str, sig: int, *extra: str) -> tuple[int, list[str]]:
     """Start a run that prints its micro-steps, send `sig` when a line contains `marker`, wait for the exit."""
     env = {**os.environ, "FINETUNE_TRACE_STEPS": "1", "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command(recipe, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    child = subprocess.Popen(command(recipe, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              cwd=REPO, env=env)
     seen = []
     for line in child.stdout:
@@ -105,18 +105,6 @@ def test_each_stage_checkpoints_the_optimizer_it_was_given(reference):
     assert torch.uint8 in moments("dpo")  # adamw_8bit (float32 only for tensors under 4096 elements)
 
 
-def test_sigkill_mid_accumulation_in_sft_then_resume_is_exact(recipe, reference, tmp_path):
-    code, lines = run_until(recipe, tmp_path, "[trace] sft micro-step inside step 5", signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    assert lines[-1].endswith("[trace] sft micro-step inside step 5")  # killed between the halves of step 5
-    assert not (tmp_path / "sft" / "adapter").exists()
-
-    done = run(recipe, tmp_path, "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"continuing from {tmp_path}/sft/checkpoints/checkpoint-4" in done.stdout
-    assert_same_adapters(tmp_path, reference)
-
-
 def test_sigkill_in_dpo_keeps_sft_and_ignores_a_torn_checkpoint(recipe, reference, tmp_path):
     code, _ = run_until(recipe, tmp_path, "[trace] dpo micro-step inside step 5", signal.SIGKILL)
     assert code == -signal.SIGKILL
@@ -135,7 +123,9 @@ def test_sigkill_in_dpo_keeps_sft_and_ignores_a_torn_checkpoint(recipe, referenc
     assert_same_adapters(tmp_path, reference)
 
 
-def test_sigterm_saves_a_checkpoint_and_stops_before_anything_else(recipe, reference, tmp_path):
+def test_sigterm_then_sigkill_mid_accumulation_in_sft_then_resume_is_exact(recipe, reference, tmp_path):
+    """Preempted twice: SIGTERM saves a checkpoint off the save schedule and stops; the resumed run is killed
+    between the halves of a step; the second resume still ends with the uninterrupted run's adapters."""
     code, lines = run_until(recipe, tmp_path, "[trace] sft micro-step inside step 3", signal.SIGTERM)
     assert code == 143, "\n".join(lines[-20:])
     assert any("stopped by SIGTERM at step 3" in line for line in lines), lines[-5:]
@@ -144,9 +134,15 @@ def test_sigterm_saves_a_checkpoint_and_stops_before_anything_else(recipe, refer
     assert not (tmp_path / "sft" / "adapter").exists() and not (tmp_path / "dpo").exists()
     assert not (tmp_path / "export").exists() and not (tmp_path / "run.json").exists()
 
+    code, lines = run_until(recipe, tmp_path, "[trace] sft micro-step inside step 5", signal.SIGKILL, "--resume")
+    assert code == -signal.SIGKILL
+    assert any(f"continuing from {tmp_path}/sft/checkpoints/checkpoint-3" in line for line in lines), lines[-20:]
+    assert lines[-1].endswith("[trace] sft micro-step inside step 5")  # killed between the halves of step 5
+    assert not (tmp_path / "sft" / "adapter").exists()
+
     done = run(recipe, tmp_path, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    # resuming from an off-schedule checkpoint (step 3) must still reproduce the uninterrupted run
+    assert f"continuing from {tmp_path}/sft/checkpoints/checkpoint-4" in done.stdout
     assert_same_adapters(tmp_path, reference)
 
 
