@@ -8,7 +8,7 @@ import yaml
 from finetune.data.cache import CACHE_ENV
 
 QUICKSTART_DATA = Path(__file__).resolve().parents[1] / "data" / "quickstart"
-STAGE_DEFAULTS = {"batch_size": 4, "logging_steps": 1, "save_steps": 100, "gradient_checkpointing": False}
+STAGE_DEFAULTS = {"batch_size": 2, "logging_steps": 1, "save_steps": 100, "gradient_checkpointing": False}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,8 +1,8 @@
 """The quickstart recipe end to end, as a user runs it: a real `finetune run` child process on CPU.
 
-One run (shortened by overrides) is shared by the checks below: the SFT loss falls, DPO learns to
+One run of the recipe as shipped is shared by the checks below: the SFT loss falls, DPO learns to
 prefer the chosen answers, the merged export loads with stock transformers and matches base+adapter,
-and `finetune generate` answers in the Mixtral-Instruct format.
+and `finetune generate` (called in this process) answers in the Mixtral-Instruct format.
 """
 
 import json

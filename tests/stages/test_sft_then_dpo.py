@@ -3,8 +3,6 @@ enters both stages with the recipe's coefficient."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,11 @@ from finetune.recipe import load_recipe
 from finetune.stages.common import StopSignal, read_metrics
 from finetune.stages.dpo import build_dpo_trainer
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def finetune_run(recipe: Path, out: Path, *overrides: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(recipe), f"output_dir={out}", *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """`finetune run` in this process (a child process costs seconds of imports)."""
+    assert main(["run", str(recipe), f"output_dir={out}", *overrides]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +74,8 @@ def test_reference_adapter_is_the_sft_adapter_and_stays_frozen(recipe_path, run_
 
 def test_router_aux_loss_enters_sft_with_the_recipe_coefficient(recipe_path, run_dir, tmp_path):
     # only SFT's coefficient changes, so its step 1 sees the same weights and batch as the reference run
-    # in this process (a child process costs seconds of imports)
-    assert main(["run", str(recipe_path), f"output_dir={tmp_path}", "stages.0.router_aux_loss_coef=0.0",
-                 "stages.0.max_steps=1", "stages.1.max_steps=1"]) == 0
+    finetune_run(recipe_path, tmp_path, "stages.0.router_aux_loss_coef=0.0", "stages.0.max_steps=1",
+                 "stages.1.max_steps=1")
     with_aux, without = read_metrics(run_dir / "sft")[0], read_metrics(tmp_path / "sft")[0]
     assert with_aux["step"] == without["step"] == 1
     assert with_aux["loss"] - without["loss"] == pytest.approx(0.02 * with_aux["aux_loss"], abs=1e-4)
