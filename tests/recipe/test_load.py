@@ -121,17 +121,21 @@ def test_validate_fails_before_any_model_library_is_imported(tmp_path):
     assert "model: required key is missing" in done.stderr
 
 
-def test_offloading_activations_needs_checkpointing(tmp_path):
-    path = write(tmp_path, """\
+def write_one_sft_stage(tmp_path: Path, *stage_lines: str) -> Path:
+    """A minimal recipe whose one SFT stage holds `stage_lines`, from line 7 of the file on."""
+    head = """\
         output_dir: runs/x
         model: {name_or_path: tiny-mixtral}
         data:
           sft: {sources: [{path: data/quickstart/sft.jsonl}]}
         stages:
           - type: sft
-            gradient_checkpointing: false
-            offload_activations: true
-        """)
+        """
+    return write(tmp_path, textwrap.dedent(head) + "".join(f"    {line}\n" for line in stage_lines))
+
+
+def test_offloading_activations_needs_checkpointing(tmp_path):
+    path = write_one_sft_stage(tmp_path, "gradient_checkpointing: false", "offload_activations: true")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert f"{path}:8: stages.0.offload_activations: needs gradient_checkpointing: true" in str(info.value)
@@ -142,15 +146,7 @@ def test_offloading_activations_needs_checkpointing(tmp_path):
 def test_expert_chunks_are_a_positive_count_or_the_kernel_default(tmp_path):
     assert load_recipe(QUICKSTART).stages[0].expert_chunks is None
     assert load_recipe(QUICKSTART, ["stages.1.expert_chunks=4"]).stages[1].expert_chunks == 4
-    path = write(tmp_path, """\
-        output_dir: runs/x
-        model: {name_or_path: tiny-mixtral}
-        data:
-          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
-        stages:
-          - type: sft
-            expert_chunks: 0
-        """)
+    path = write_one_sft_stage(tmp_path, "expert_chunks: 0")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert f"{path}:7: stages.0.expert_chunks:" in str(info.value) and "greater than 0" in str(info.value)
