@@ -534,10 +534,8 @@ def profile(peft_model, loss_fn: Callable, optimizer, seq: int, log) -> None:
     x = torch.randn(seq, experts.hidden_dim, device=device, dtype=experts.compute_dtype).requires_grad_()
     weights, index = torch.randn(x.shape[0], experts.num_experts, device=device).softmax(-1).topk(2, dim=-1)
     # each chunking with bitsandbytes' calls and, unless it is off or missing, the one-launch strided dequantizer
-    # (1 chunk: one call either way)
     with_strided = strided_before and device.type == "cuda" and strided_dequantizer() is not None
-    runs = [(1, False)] + [(chunks, strided) for chunks in (2, 4, 8) for strided in (True, False)
-                           if with_strided or not strided]
+    runs = [(chunks, strided) for chunks in (1, 2, 4, 8) for strided in (True, False) if with_strided or not strided]
     for chunks, strided in runs:
         experts.dequant_chunks, experts.strided_dequant = chunks, strided
         with HostSyncs(device.type) as dispatched:  # the first call (a warm-up) counts the ops
@@ -551,7 +549,7 @@ def profile(peft_model, loss_fn: Callable, optimizer, seq: int, log) -> None:
             y = expert_forward(x, index, weights, experts, layer.deltas(), kernel="grouped")
             y.backward(torch.ones_like(y))
         _sync(device)
-        how = "" if chunks == 1 else (", strided dequantizer" if strided else ", bitsandbytes calls")
+        how = ", strided dequantizer" if strided else ", bitsandbytes calls"
         log(f"one layer, {x.shape[0]} tokens, chunks={chunks}{how}: fwd+bwd "
             f"{(time.perf_counter() - started) / 3 * 1e3:.1f} ms, {dispatched.ops} ops, transient peak "
             f"{(torch.cuda.max_memory_allocated(device) - base) / GIB:.2f} GiB")
@@ -577,6 +575,34 @@ def format_table(rows: list[Row]) -> str:
         naive = next((r for r in rows if r.path == "naive" and r.seq == seq and r.tokens_per_s), None)
         if fast and naive:
             lines.append(f"seq {seq}: fast / naive = {fast.tokens_per_s / naive.tokens_per_s:.2f}x")
+    return "\n".join(lines)
+
+
+def traffic_table(tiny: bool, seqs, layers: int | None) -> str:
+    """`finetune.moe.traffic` for each chunking: what one layer's experts make a GPU do per training step."""
+    from finetune.moe.full_shape import MIXTRAL_8X7B
+    from finetune.moe.tiny import TINY_MIXTRAL
+    from finetune.moe.traffic import expert_layer_traffic
+
+    shape = TINY_MIXTRAL if tiny else MIXTRAL_8X7B
+    layers = layers or shape["num_hidden_layers"]
+    lines = [f"{'tiny' if tiny else 'Mixtral-8x7B'} widths, one layer's experts per training step (forward twice "
+             f"with gradient checkpointing, backward once), LoRA r{LORA_R} on w1/w2/w3, bf16, as a GPU with triton "
+             f"runs them (counted on meta tensors by finetune.moe.traffic); last column: x {layers} layers",
+             "| seq | chunks | matmul TFLOP | matmul GB | GB outside matmuls | ops | triton launches "
+             "| GB outside matmuls, all layers |", "|---|---|---|---|---|---|---|---|"]
+    for seq in seqs:
+        for chunks in (1, 2, 4):
+            forward, backward = expert_layer_traffic(shape["num_local_experts"], shape["hidden_size"],
+                                                     shape["intermediate_size"], LORA_R, seq, chunks,
+                                                     shape["num_experts_per_tok"])
+
+            def per_step(field: str) -> int:
+                return 2 * getattr(forward, field) + getattr(backward, field)
+
+            lines.append(f"| {seq} | {chunks} | {per_step('matmul_flops') / 1e12:.3f} | "
+                         f"{per_step('matmul_bytes') / 1e9:.2f} | {per_step('other_bytes') / 1e9:.2f} | "
+                         f"{per_step('ops')} | {per_step('launches')} | {layers * per_step('other_bytes') / 1e9:.0f} |")
     return "\n".join(lines)
 
 
@@ -690,6 +716,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-activations", action="store_true",
                    help="fast path: keep the checkpointed layer inputs in host memory between forward and backward "
                         "(finetune.offload; the same computation, less device memory; on a GPU, copies over PCIe)")
+    p.add_argument("--traffic", action="store_true",
+                   help="only count what one layer's expert kernel makes a GPU do per step, for 1, 2 and 4 chunks: "
+                        "matmul FLOPs, bytes moved outside the matmuls, ops, Triton launches (meta tensors: no GPU, "
+                        "a second; the 8x7B widths unless --tiny; default seq 4096)")
     p.add_argument("--memory", action="store_true",
                    help="after timing, one step per path and length under live-tensor accounting (any device): "
                         "weights, adapter, optimizer state, checkpoints, gradients, peak and its largest tensors")
@@ -700,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tiny and args.full_shape:
         p.error("--tiny and --full-shape contradict each other; give one")
+    if args.traffic:
+        print(traffic_table(args.tiny, args.seqs or [4096], args.layers))
+        return 0
     return cmd_bench(args)
 
 

@@ -4,7 +4,9 @@ The grouped kernel dequantizes chunk c of every expert's w1 and w3 rows (or of i
 packed data the rows are 2 runs per expert (16 for Mixtral's 8 experts) and the columns one run per row of w2, so
 bitsandbytes' dequantize, which reads one contiguous run, takes one call per run (each one host work and a launch)
 or one call on a gathered copy of the packed bytes (a quarter of the chunk's dense size, alive while the chunk is
-made). This kernel reads the runs where they lie and writes the dense [E, G, R, C] tensor in one launch:
+made). This kernel reads the runs where they lie and writes the dense [E, G, R, C] tensor in one launch, into
+rows and expert blocks that may be spaced wider (the grouped kernel puts adapter columns after each dequantized row,
+or adapter rows after each expert's block):
 
     out[e, g, r, col] = code[nibble(src)] * scales[src // blocksize],  src = base + e*se + g*sg + r*sr + col
 
@@ -47,8 +49,8 @@ def make_strided_dequantizer(tile_rows: int = TILE_ROWS, tile_cols: int = TILE_C
         return None
 
     @triton.jit
-    def kernel(data_ptr, scales_ptr, code_ptr, out_ptr, total, groups, rows, cols, stride_e, stride_g, stride_r, base,
-               TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    def kernel(data_ptr, scales_ptr, code_ptr, out_ptr, total, groups, rows, cols, out_stride_e, out_stride_r, stride_e,
+               stride_g, stride_r, base, TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, BLOCKSIZE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS)[:, None]  # of E x G x R
         col = tl.program_id(1).to(tl.int64) * TILE_COLS + tl.arange(0, TILE_COLS)[None, :]
         mask = (row < total) & (col < cols)
@@ -60,22 +62,29 @@ def make_strided_dequantizer(tile_rows: int = TILE_ROWS, tile_cols: int = TILE_C
         nibble = tl.where(src % 2 == 0, byte >> 4, byte & 15)
         value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * tl.load(scales_ptr + src // BLOCKSIZE, mask=mask,
                                                                             other=0.0)
-        tl.store(out_ptr + row * cols + col, value.to(out_ptr.dtype.element_ty), mask=mask)
+        out_offset = e * out_stride_e + (row - e * rows * groups) * out_stride_r + col
+        tl.store(out_ptr + out_offset, value.to(out_ptr.dtype.element_ty), mask=mask)
 
     def launch(data: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, out: torch.Tensor, base: int,
                strides: tuple[int, int, int], blocksize: int) -> torch.Tensor:
-        """Fill `out` [E, G, R, C] (contiguous) from `data` (packed uint8), `scales` (float32, one per block of
-        `blocksize`) and `code` (the 16 float32 values); `strides` (se, sg, sr) and `base` in 4-bit elements."""
+        """Fill `out` [E, G, R, C] (each expert's G x R rows of C values evenly spaced, the experts' blocks too:
+        contiguous, or padded) from `data` (packed uint8), `scales` (float32, one per block of `blocksize`) and
+        `code` (the 16 float32 values); `strides` (se, sg, sr) and `base` in 4-bit elements."""
         if data.dtype != torch.uint8 or scales.dtype != torch.float32 or code.dtype != torch.float32:
             raise ValueError(f"expected uint8 data and float32 scales and code, got {data.dtype}, {scales.dtype}, "
                              f"{code.dtype}")
-        if not (out.is_contiguous() and data.is_contiguous() and scales.is_contiguous()):
-            raise ValueError("the output, data and scales must be contiguous")
         experts, groups, rows, cols = out.shape
+        stride_e, row_stride = out.stride(0), out.stride(2)
+        if (out.stride(1) != rows * row_stride or out.stride(3) != 1 or row_stride < cols
+                or stride_e < groups * rows * row_stride):
+            raise ValueError(f"the output's rows must be evenly spaced, got strides {out.stride()} for shape "
+                             f"{tuple(out.shape)}")
+        if not (data.is_contiguous() and scales.is_contiguous()):
+            raise ValueError("the data and scales must be contiguous")
         total = experts * groups * rows
         grid = (triton.cdiv(total, tile_rows), triton.cdiv(cols, tile_cols))
-        kernel[grid](data, scales, code, out, total, groups, rows, cols, *strides, base, TILE_ROWS=tile_rows,
-                     TILE_COLS=tile_cols, BLOCKSIZE=blocksize)
+        kernel[grid](data, scales, code, out, total, groups, rows, cols, stride_e, row_stride, *strides, base,
+                     TILE_ROWS=tile_rows, TILE_COLS=tile_cols, BLOCKSIZE=blocksize)
         return out
 
     return launch

@@ -7,17 +7,23 @@ Per layer call:
     expert MLP is a sum over that dimension): chunk c's W1/W3 rows and W2 columns of all experts are made,
     used and freed before chunk c+1, so at most one chunk of dense weights exists at a time; on a GPU with
     triton each chunk is made in one launch (`finetune.moe.dequant_kernel`), not one call per expert;
-  - base and LoRA products are `torch._grouped_mm` calls over the per-expert stacks, LoRA added to the
-    base output of the same chunk (w1 and w3 LoRA as one block-diagonal product);
-  - a custom autograd Function saves the layer's inputs, the rank-r LoRA intermediates and the gate/up
-    pre-activations, never a dense weight: backward dequantizes each chunk again.
-The base weights are frozen: backward computes input and LoRA gradients only.
+  - products are `torch._grouped_mm` calls over the per-expert stacks. Where a LoRA product adds into a base
+    product, it rides in the same matmul as extra columns: the dequantized gate/up chunk carries each adapter's
+    B1/B3 rows beside it (block-diagonal) against [x | s x A1^T | s x A3^T], and in the backward the w2 chunk
+    carries A2's rows below it against [dy | s dy B2]. No layer-wide LoRA product is made and added;
+  - the SwiGLU is one fused pass each way on a GPU with triton (the backward's also gives the activation
+    again, which the w2 LoRA gradient needs);
+  - a custom autograd Function saves the layer's inputs (with the rank-r LoRA columns), the w2 LoRA's rank-r
+    intermediate and the gate/up pre-activations, never a dense weight: backward dequantizes each chunk again.
+The base weights are frozen: backward computes input and LoRA gradients only. `finetune.moe.traffic` counts what
+it makes a GPU do (`finetune bench --traffic`).
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,7 @@ from .quantized_experts import BLOCKSIZE, ExpertLoraDelta, QuantizedExperts
 # 29.0 GiB peak; 2 chunks 3,318 tok/s, 27.8 GiB; 4 chunks 3,116 tok/s, 27.2 GiB.
 DEFAULT_CHUNKS = 2
 _LORA_PARAMS = ("w1", "w3", "w2")
+FUSED_SWIGLU_ENV = "FINETUNE_FUSED_SWIGLU"  # 0: eager torch's SwiGLU on a GPU too
 _SWIGLU_BLOCK_ELEMENTS = 1 << 22  # per fp32 temporary of the swiglu backward without triton (16 MiB)
 
 
@@ -137,23 +144,14 @@ def _gmm_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, empty
 
 
 def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
+    """silu(gate) * up from [gate | up], in eager torch."""
     return F.silu(h[:, :inter]) * h[:, inter:]
 
 
-def _swiglu_backward_prepare(h: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The activation again (the w2 LoRA gradient needs it) and, on CUDA, the buffer for dh."""
-    if h.is_cuda and _triton_swiglu_backward() is not None:
-        return _swiglu(h, inter), torch.empty_like(h)
-    return _swiglu(h, inter), None
-
-
-def _swiglu_backward(h: torch.Tensor, d_act: torch.Tensor, inter: int, out: torch.Tensor | None) -> torch.Tensor:
-    """d[gate | up] from d(silu(gate) * up), computed in fp32, returned in h's dtype."""
-    if out is not None:
-        _triton_swiglu_backward()(h, d_act, out, inter)
-        return out
-    # without triton: blocks of rows, so the fp32 temporaries stay small and only `out` is layer-sized (as with
-    # the fused kernel; whole-tensor fp32 temporaries were 10x the size of `out` at the real widths)
+def _swiglu_backward(h: torch.Tensor, d_act: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """d[gate | up] from d(silu(gate) * up), computed in fp32, returned in h's dtype, and the activation again (the w2
+    LoRA gradient needs it), in eager torch: blocks of rows, so that the fp32 temporaries stay small and only dh is
+    layer-sized (whole-tensor fp32 temporaries were 10x its size at the real widths)."""
     out = torch.empty_like(h)
     block = max(1, _SWIGLU_BLOCK_ELEMENTS // inter)
     for start in range(0, h.shape[0], block):
@@ -162,17 +160,36 @@ def _swiglu_backward(h: torch.Tensor, d_act: torch.Tensor, inter: int, out: torc
         sig = torch.sigmoid(gate)
         out[rows, :inter] = d * up * sig * (1 + gate * (1 - sig))
         out[rows, inter:] = d * gate * sig
-    return out
+    return out, _swiglu(h, inter)
+
+
+@dataclass(frozen=True)
+class SwigluKernels:
+    """The SwiGLU's forward (act from [gate | up]) and backward ((dh, act) from [gate | up] and d_act)."""
+
+    forward: Callable[[torch.Tensor, int], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+EAGER_SWIGLU = SwigluKernels(_swiglu, _swiglu_backward)
+
+
+def _swiglu_kernels(h: torch.Tensor) -> SwigluKernels:
+    """Triton's fused passes on a GPU with triton (eager torch reads and writes the layer-sized tensors 3 to 5 times
+    per pass, with fp32 temporaries), unless FUSED_SWIGLU_ENV is 0; else eager torch."""
+    if not h.is_cuda or os.environ.get(FUSED_SWIGLU_ENV, "1") == "0":
+        return EAGER_SWIGLU
+    return _triton_swiglu() or EAGER_SWIGLU
 
 
 @functools.cache
-def _triton_swiglu_backward():
-    """One fused pass over [gate | up] and d_act (eager torch makes ~10 fp32 temporaries); None without triton."""
-    return make_triton_swiglu_backward()
+def _triton_swiglu() -> SwigluKernels | None:
+    return make_triton_swiglu()
 
 
-def make_triton_swiglu_backward():
-    """A new launcher of that pass; with TRITON_INTERPRET=1 in the environment, one that runs on CPU tensors."""
+def make_triton_swiglu() -> SwigluKernels | None:
+    """New launchers of the fused passes (each row's values computed in fp32, rounded once to h's dtype), None without
+    triton; with TRITON_INTERPRET=1 in the environment, ones that run on CPU tensors."""
     try:
         import triton
         import triton.language as tl
@@ -180,34 +197,44 @@ def make_triton_swiglu_backward():
         return None
 
     @triton.jit
-    def kernel(h_ptr, d_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def forward_kernel(h_ptr, act_ptr, inter, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
-        h_row = h_ptr + row * 2 * inter
-        gate = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(h_ptr + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
         sig = 1 / (1 + tl.exp(-gate))  # tl.sigmoid, written out: the interpreter cannot call library jit functions
-        out_row = out_ptr + row * 2 * inter
-        tl.store(out_row + cols, (d * up * sig * (1 + gate * (1 - sig))).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_row + inter + cols, (d * gate * sig).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + row * inter + cols, (gate * sig * up).to(act_ptr.dtype.element_ty), mask=mask)
 
-    def launch(h: torch.Tensor, d_act: torch.Tensor, out: torch.Tensor, inter: int) -> None:
-        block = 1024
-        kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), out, inter, BLOCK=block)
+    @triton.jit
+    def backward_kernel(h_ptr, d_ptr, dh_ptr, act_ptr, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(h_ptr + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = 1 / (1 + tl.exp(-gate))
+        dh_row = dh_ptr + row * 2 * inter
+        tl.store(dh_row + cols, (d * up * sig * (1 + gate * (1 - sig))).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_row + inter + cols, (d * gate * sig).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + row * inter + cols, (gate * sig * up).to(act_ptr.dtype.element_ty), mask=mask)
 
-    return launch
+    block = 1024
 
+    def forward(h: torch.Tensor, inter: int) -> torch.Tensor:
+        h = h.contiguous()
+        act = h.new_empty(h.shape[0], inter)
+        forward_kernel[(h.shape[0], triton.cdiv(inter, block))](h, act, inter, BLOCK=block)
+        return act
 
-def _block_diag_b(b1: torch.Tensor, b3: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-    """[E, 2r, 2c]: B1[:, rows]^T top left, B3[:, rows]^T bottom right (one product serves w1 and w3)."""
-    num_experts, _, r = b1.shape
-    c = rows.stop - rows.start
-    out = b1.new_zeros(num_experts, 2 * r, 2 * c, dtype=dtype)
-    out[:, :r, :c] = b1[:, rows].transpose(1, 2)
-    out[:, r:, c:] = b3[:, rows].transpose(1, 2)
-    return out
+    def backward(h: torch.Tensor, d_act: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h.contiguous()
+        dh, act = torch.empty_like(h), h.new_empty(h.shape[0], inter)
+        backward_kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter, BLOCK=block)
+        return dh, act
+
+    return SwigluKernels(forward, backward)
 
 
 def _strided_dequantizer(experts: QuantizedExperts):
@@ -216,34 +243,62 @@ def _strided_dequantizer(experts: QuantizedExperts):
     return strided_dequantizer() if experts.strided_dequant and experts.gate_up_proj.data.is_cuda else None
 
 
-def _dequantize_gate_up(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype,
+def _dequantize_gate_up(experts: QuantizedExperts, scales, chunk: int, chunks: int, out: torch.Tensor,
                         strided=None) -> torch.Tensor:
-    """[E, 2c, H]: chunk `chunk` of the w1 rows, then the same chunk of the w3 rows, of every expert.
-    `strided`: a launcher from `finetune.moe.dequant_kernel` (one launch, instead of one call per expert and row
-    group)."""
+    """Fill `out` [E, 2c, H] (rows may be padded) with chunk `chunk` of the w1 rows, then the same chunk of the w3
+    rows, of every expert. `strided`: a launcher from `finetune.moe.dequant_kernel` (one launch, instead of one
+    bitsandbytes call per expert and row group)."""
     stack, inter, hidden = experts.gate_up_proj, experts.intermediate_dim, experts.hidden_dim
-    num_experts = experts.num_experts
-    if chunks == 1:  # the whole stack: one contiguous run, one call
-        return stack.dequantize_part(scales, (1,), (0,), stack.shape, dtype)
     c = inter // chunks
-    if strided is not None:
-        out = torch.empty(num_experts, 2, c, hidden, dtype=dtype, device=stack.data.device)
-        strided(stack.data, scales, stack.code, out, chunk * c * hidden, (2 * inter * hidden, inter * hidden, hidden),
-                BLOCKSIZE)
-        return out.view(num_experts, 2 * c, hidden)
-    return stack.dequantize_rows(scales, slice(chunk * c, (chunk + 1) * c), dtype, groups=2)
+    if strided is None:
+        return stack.dequantize_rows(scales, slice(chunk * c, (chunk + 1) * c), out, groups=2)
+    strided(stack.data, scales, stack.code, out.view(experts.num_experts, 2, c, hidden), chunk * c * hidden,
+            (2 * inter * hidden, inter * hidden, hidden), BLOCKSIZE)
+    return out
 
 
-def _dequantize_down(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype, strided=None) -> torch.Tensor:
-    """[E, H, c]: columns chunk*c .. (chunk+1)*c of every expert's w2 (`strided`: as for `_dequantize_gate_up`,
-    reading the columns where they lie instead of from a gathered copy of their packed bytes)."""
+def _gate_up_weights(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype, lora_b: Sequence[tuple],
+                     strided=None) -> torch.Tensor:
+    """[E, 2c, H + 2r per adapter]: the dequantized chunk (`_dequantize_gate_up`) with each adapter's w1/w3 B rows of
+    the chunk after it, block-diagonal (B1 beside the w1 rows, B3 beside the w3 rows, zeros elsewhere). Against
+    [x | s x A1^T | s x A3^T] one grouped matmul gives the base projection plus the LoRA (no layer-sized product to
+    add), and in the backward dh against the B columns gives the rank-r gradient."""
+    hidden, num_experts, c = experts.hidden_dim, experts.num_experts, experts.intermediate_dim // chunks
+    ranks = [b1.shape[2] for b1, _ in lora_b]
+    out = torch.empty(num_experts, 2 * c, hidden + 2 * sum(ranks), dtype=dtype, device=experts.gate_up_proj.data.device)
+    _dequantize_gate_up(experts, scales, chunk, chunks, out[:, :, :hidden], strided)
+    rows, col = slice(chunk * c, (chunk + 1) * c), hidden
+    if lora_b:
+        out[:, :, hidden:].zero_()
+    for (b1, b3), r in zip(lora_b, ranks):
+        out[:, :c, col : col + r] = b1[:, rows]
+        out[:, c:, col + r : col + 2 * r] = b3[:, rows]
+        col += 2 * r
+    return out
+
+
+def _down_weights(experts: QuantizedExperts, scales, chunk: int, chunks: int, dtype, lora_a2: Sequence = (),
+                  strided=None) -> torch.Tensor:
+    """[E, H + r per adapter, c]: columns chunk*c .. (chunk+1)*c of every expert's w2, then the same columns of each
+    adapter's A2 ([E, r, I]) below them. Against [dy | s dy B2] one grouped matmul gives the activation's gradient
+    with the w2 LoRA's share (the backward). `strided`: as for `_dequantize_gate_up`, reading the columns where
+    they lie instead of from a gathered copy of their packed bytes."""
     stack, inter, hidden = experts.down_proj, experts.intermediate_dim, experts.hidden_dim
     num_experts, c = experts.num_experts, inter // chunks
-    if strided is not None and chunks > 1:
-        out = torch.empty(num_experts, 1, hidden, c, dtype=dtype, device=stack.data.device)
-        strided(stack.data, scales, stack.code, out, chunk * c, (hidden * inter, 0, inter), BLOCKSIZE)
-        return out.view(num_experts, hidden, c)
-    return stack.dequantize_part(scales, (hidden, chunks), (slice(None), chunk), (num_experts, hidden, c), dtype)
+    extra = sum(a2.shape[1] for a2 in lora_a2)
+    if not extra and (strided is None or chunks == 1):  # bitsandbytes' call (1 chunk: the stack is one run)
+        return stack.dequantize_part(scales, (hidden, chunks), (slice(None), chunk), (num_experts, hidden, c), dtype)
+    out = torch.empty(num_experts, hidden + extra, c, dtype=dtype, device=stack.data.device)
+    if strided is not None:
+        strided(stack.data, scales, stack.code, out[:, :hidden].unsqueeze(1), chunk * c, (hidden * inter, 0, inter),
+                BLOCKSIZE)
+    else:
+        stack.dequantize_columns(scales, chunk, chunks, out[:, :hidden])
+    row = hidden
+    for a2 in lora_a2:
+        out[:, row : row + a2.shape[1]] = a2[:, :, chunk * c : (chunk + 1) * c]
+        row += a2.shape[1]
+    return out
 
 
 def _adapter_tensors(plan: _Plan, tensors: Sequence) -> list[dict]:
@@ -264,31 +319,37 @@ class _GroupedExpertMLP(torch.autograd.Function):
         inter = experts.intermediate_dim // chunks
         adapters = _adapter_tensors(plan, tensors)
         gate_up_scales, down_scales = experts.gate_up_proj.block_scales(), experts.down_proj.block_scales()
-        strided = _strided_dequantizer(experts)
+        strided, swiglu = _strided_dequantizer(experts), _swiglu_kernels(x)
+        lora_b = [(a["B"]["w1"], a["B"]["w3"]) for a in adapters]
+        a2 = [a["A"]["w2"].to(dt) for a in adapters]  # [E, r, I]: a chunk's columns are a matmul operand as they lie
 
-        # rank-r LoRA inputs: [x A1^T | x A3^T] per adapter
-        xa = [_gmm(a["x"] if a["x"] is not None else x, torch.cat([a["A"]["w1"], a["A"]["w3"]], 1).to(dt).transpose(1, 2), offs)
-              for a in adapters]
+        # [x | s x A1^T | s x A3^T per adapter]: the gate/up matmul against `_gate_up_weights` adds the LoRA
+        x_lora = [x]
+        for a, spec in zip(adapters, plan.adapters):
+            a13 = torch.cat([a["A"]["w1"], a["A"]["w3"]], 1).to(dt).transpose(1, 2)
+            x_lora.append(_gmm(a["x"] if a["x"] is not None else x, a13, offs).mul_(spec.scaling))
+        x_lora = torch.cat(x_lora, 1) if adapters else x
         aa2 = [None] * len(adapters)
         hidden, masks, y = [], [], None
         for c in range(chunks):
             rows = slice(c * inter, (c + 1) * inter)
-            w13 = _dequantize_gate_up(experts, gate_up_scales, c, chunks, dt, strided)
-            h = _gmm(x, w13.transpose(1, 2), offs)
+            w13 = _gate_up_weights(experts, gate_up_scales, c, chunks, dt, lora_b, strided)
+            h = _gmm(x_lora, w13.transpose(1, 2), offs)
             del w13
-            for j, (a, spec) in enumerate(zip(adapters, plan.adapters)):
-                h.add_(_gmm(xa[j], _block_diag_b(a["B"]["w1"], a["B"]["w3"], rows, dt), offs), alpha=spec.scaling)
             hidden.append(h)
-            act = _swiglu(h, inter)
-            for j, (a, spec) in enumerate(zip(adapters, plan.adapters)):
-                lora_in = act
+            act = swiglu.forward(h, inter)
+            for j, spec in enumerate(plan.adapters):
                 if spec.dropout:
-                    keep = torch.rand_like(act, dtype=torch.float32) >= spec.dropout
+                    # a bool mask drawn as such (no float32 draw of the activation's size); 1 / (1 - p) is applied
+                    # to the rank-r product
+                    keep = torch.empty_like(act, dtype=torch.bool).bernoulli_(1 - spec.dropout)
                     masks.append(keep)
-                    lora_in = act * keep / (1 - spec.dropout)
-                part = _gmm(lora_in, a["A"]["w2"][:, :, rows].to(dt).contiguous().transpose(1, 2), offs).float()
+                    part = _gmm(act * keep, a2[j][:, :, rows].transpose(1, 2), offs).float()
+                    part.mul_(1 / (1 - spec.dropout))
+                else:
+                    part = _gmm(act, a2[j][:, :, rows].transpose(1, 2), offs).float()
                 aa2[j] = part if aa2[j] is None else aa2[j].add_(part)
-            w2 = _dequantize_down(experts, down_scales, c, chunks, dt, strided)
+            w2 = _down_weights(experts, down_scales, c, chunks, dt, strided=strided)
             part = _gmm(act, w2.transpose(1, 2), offs)
             del w2, act
             y = part if y is None else y.add_(part)  # bf16 sum of the chunks' partial products
@@ -297,59 +358,74 @@ class _GroupedExpertMLP(torch.autograd.Function):
             y = y.add_(_gmm(aa2[j], a["B"]["w2"].to(dt).transpose(1, 2), offs), alpha=spec.scaling)
 
         ctx.plan = plan
-        ctx.save_for_backward(x, offs, *(t for t in tensors), *xa, *aa2, *hidden, *masks)
+        ctx.save_for_backward(x_lora, offs, *(t for t in tensors), *aa2, *hidden, *masks)
         return y.to(dt)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         plan = ctx.plan
         experts, chunks, dt = plan.experts, plan.chunks, plan.dtype
-        inter = experts.intermediate_dim // chunks
+        inter, hidden_dim = experts.intermediate_dim // chunks, experts.hidden_dim
         n = len(plan.adapters)
         saved = list(ctx.saved_tensors)
-        x, offs = saved[0], saved[1]
+        x_lora, offs = saved[0], saved[1]
         tensors, rest = saved[2 : 2 + 7 * n], saved[2 + 7 * n :]
-        xa, aa2, hidden, masks = rest[:n], rest[n : 2 * n], rest[2 * n : 2 * n + chunks], rest[2 * n + chunks :]
+        aa2, hidden, masks = rest[:n], rest[n : n + chunks], rest[n + chunks :]
+        x = x_lora[:, :hidden_dim]
         adapters = _adapter_tensors(plan, tensors)
         empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
         gate_up_scales, down_scales = experts.gate_up_proj.block_scales(), experts.down_proj.block_scales()
-        strided = _strided_dequantizer(experts)
+        strided, swiglu = _strided_dequantizer(experts), _swiglu_kernels(dy)
+        lora_b = [(a["B"]["w1"], a["B"]["w3"]) for a in adapters]
+        a2 = [a["A"]["w2"].to(dt) for a in adapters]
+        # each adapter's columns of x_lora (its s x A13^T) and of the gate/up weights (its B13)
+        lora_cols, col = [], 0
+        for a in adapters:
+            r = a["A"]["w1"].shape[1]
+            lora_cols.append(slice(col, col + 2 * r))
+            col += 2 * r
         dy = dy.to(dt).contiguous()
 
         grads = [{"x": None, "A": {}, "B": {}} for _ in adapters]
-        daa2, dxa, parts = [], [], [{"A2": [], "B1": [], "B3": []} for _ in adapters]
+        daa2, dxa, parts = [], [None] * n, [{"A2": [], "B1": [], "B3": []} for _ in adapters]
         for j, (a, spec) in enumerate(zip(adapters, plan.adapters)):
             grads[j]["B"]["w2"] = _gmm_weight_grad(dy, aa2[j], offs, empty).mul_(spec.scaling)
             daa2.append(_gmm(dy, a["B"]["w2"].to(dt), offs).mul_(spec.scaling))
-            dxa.append(None)
+        # [dy | s dy B2^T per adapter] against `_down_weights` with the A2 rows: the w2 LoRA's share of the activation
+        # gradient comes out of the base matmul (not for an adapter with dropout: its share is masked)
+        unmasked = [j for j, spec in enumerate(plan.adapters) if not spec.dropout]
+        dy_lora = torch.cat([dy, *(daa2[j] for j in unmasked)], 1) if unmasked else dy
         dx, mask_iter = None, iter(masks)
         for c in range(chunks):
             rows = slice(c * inter, (c + 1) * inter)
-            w2 = _dequantize_down(experts, down_scales, c, chunks, dt, strided)
-            d_act = _gmm(dy, w2, offs)
+            w2 = _down_weights(experts, down_scales, c, chunks, dt, [a2[j] for j in unmasked], strided)
+            d_act = _gmm(dy_lora, w2, offs)
             del w2
-            act, dh = _swiglu_backward_prepare(hidden[c], inter)
-            for j, (a, spec) in enumerate(zip(adapters, plan.adapters)):
-                lora_in, keep = act, None
+            keeps = [next(mask_iter) if spec.dropout else None for spec in plan.adapters]
+            for j, spec in enumerate(plan.adapters):
                 if spec.dropout:
-                    keep = next(mask_iter)
-                    lora_in = act * keep / (1 - spec.dropout)
-                parts[j]["A2"].append(_gmm_weight_grad(daa2[j], lora_in, offs, empty))
-                d_in = _gmm(daa2[j], a["A"]["w2"][:, :, rows].to(dt).contiguous(), offs)
-                d_act.add_(d_in if keep is None else d_in * keep / (1 - spec.dropout))
-            dh = _swiglu_backward(hidden[c], d_act, inter, dh)
-            del d_act, act
-            w13 = _dequantize_gate_up(experts, gate_up_scales, c, chunks, dt, strided)
-            part = _gmm(dh, w13, offs)
-            del w13
+                    d_act.add_(_gmm(daa2[j] / (1 - spec.dropout), a2[j][:, :, rows], offs).mul_(keeps[j]))
+            dh, act = swiglu.backward(hidden[c], d_act, inter)
+            del d_act
+            for j, spec in enumerate(plan.adapters):
+                if spec.dropout:
+                    da2 = _gmm_weight_grad(daa2[j], act * keeps[j], offs, empty).mul_(1 / (1 - spec.dropout))
+                else:
+                    da2 = _gmm_weight_grad(daa2[j], act, offs, empty)
+                parts[j]["A2"].append(da2)
+            del act
+            w13 = _gate_up_weights(experts, gate_up_scales, c, chunks, dt, lora_b, strided)
+            part = _gmm(dh, w13[:, :, :hidden_dim], offs)
             dx = part if dx is None else dx.add_(part)
-            for j, (a, spec) in enumerate(zip(adapters, plan.adapters)):
-                db = _gmm_weight_grad(dh, xa[j], offs, empty).mul_(spec.scaling)  # [E, 2c, 2r]
+            d_lora = _gmm(dh, w13[:, :, hidden_dim:], offs) if n else None  # d(s x A13^T), every adapter's columns
+            del w13
+            for j, (cols, spec) in enumerate(zip(lora_cols, plan.adapters)):
+                # x_lora holds s x A13^T: dh^T against it is the B gradient, scaling included
+                db = _gmm_weight_grad(dh, x_lora[:, hidden_dim + cols.start : hidden_dim + cols.stop], offs, empty)
                 r = db.shape[2] // 2
                 parts[j]["B1"].append(db[:, :inter, :r])
                 parts[j]["B3"].append(db[:, inter:, r:])
-                bd = _block_diag_b(a["B"]["w1"], a["B"]["w3"], rows, dt)
-                d = _gmm(dh, bd.transpose(1, 2), offs).float().mul_(spec.scaling)
+                d = d_lora[:, cols].float().mul_(spec.scaling)
                 dxa[j] = d if dxa[j] is None else dxa[j].add_(d)
 
         out = []

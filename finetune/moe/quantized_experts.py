@@ -132,24 +132,41 @@ class Packed4bitStack(nn.Module):
             data.view(-1), absmax.view(-1), BLOCKSIZE, self.quant_type, shape, dtype
         )
 
-    def dequantize_rows(self, scales: torch.Tensor, rows: slice, dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
-        """[E, groups * n, in] (n = len(rows)): rows `rows` of each of the `groups` equal row groups of every expert
-        (groups=2 on gate_up: the same rows of w1 and of w3), dequantized in place from the packed data (no copy
-        of it: each expert's group is one contiguous run of blocks). `scales` is `block_scales()`."""
+    def dequantize_rows(self, scales: torch.Tensor, rows: slice, out: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Fill `out` [E, groups * n, in] (n = len(rows); its rows may be padded: a view of wider rows) with rows
+        `rows` of each of the `groups` equal row groups of every expert (groups=2 on gate_up: the same rows of w1
+        and of w3), dequantized from the packed data where it lies (each expert's group is one contiguous run of
+        blocks: one call each). `scales` is `block_scales()`."""
         num_experts, out_features, in_features = self.shape
         group_rows, n = out_features // groups, rows.stop - rows.start
-        out = torch.empty(num_experts, groups * n, in_features, dtype=dtype, device=self.data.device)
         for e in range(num_experts):
             for g in range(groups):
                 start = (e * out_features + g * group_rows + rows.start) * in_features
                 stop = start + n * in_features
                 args = (self.data[start // 2 : stop // 2], scales[start // BLOCKSIZE : stop // BLOCKSIZE], BLOCKSIZE,
-                        self.quant_type, (n, in_features), dtype)
+                        self.quant_type, (n, in_features), out.dtype)
                 piece = out[e, g * n : (g + 1) * n]
-                if out.is_cuda:  # bitsandbytes has the writing-into variant on CUDA only
+                if out.is_cuda and piece.is_contiguous():  # bitsandbytes writes into contiguous memory on CUDA only
                     torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=piece)
                 else:
                     piece.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+        return out
+
+    def dequantize_columns(self, scales: torch.Tensor, chunk: int, chunks: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` [E, out_features, in / chunks] (each expert's block contiguous; the blocks may be spaced wider)
+        with column chunk `chunk` of every expert, one expert at a time: a gathered copy of one expert's packed
+        bytes at most, and no second dense chunk. `scales` is `block_scales()`."""
+        num_experts, out_features, _ = self.shape
+        data = self.data.view(num_experts, out_features, chunks, -1)[:, :, chunk]
+        absmax = scales.view(num_experts, out_features, chunks, -1)[:, :, chunk]
+        for e in range(num_experts):
+            # contiguous, not reshape: one block per row's chunk would leave a strided 1-D view of the scales
+            args = (data[e].contiguous().view(-1), absmax[e].contiguous().view(-1), BLOCKSIZE, self.quant_type,
+                    tuple(out.shape[1:]), out.dtype)
+            if out.is_cuda and out[e].is_contiguous():
+                torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out[e])
+            else:
+                out[e].copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
         return out
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:

@@ -33,14 +33,29 @@ def interpreted(monkeypatch):
 
 def _same_pieces(experts, strided, dtype):
     gate_up_scales, down_scales = experts.gate_up_proj.block_scales(), experts.down_proj.block_scales()
-    for chunks in (2, 4):
-        for c in range(chunks):
-            # against bitsandbytes' dequantize: one call per expert and row group; one call on gathered bytes
-            for make, scales in ((grouped._dequantize_gate_up, gate_up_scales), (grouped._dequantize_down, down_scales)):
-                expected = make(experts, scales, c, chunks, dtype)
-                got = make(experts, scales, c, chunks, dtype, strided)
+    for chunks in (1, 2, 4):
+        c = I // chunks
+        for chunk in range(chunks):
+            # against bitsandbytes' dequantize: one call per expert and row group, into contiguous rows and into
+            # rows padded as the grouped kernel's are (B columns after them)
+            expected = grouped._dequantize_gate_up(experts, gate_up_scales, chunk, chunks,
+                                                   torch.empty(E, 2 * c, H, dtype=dtype, device=experts.weight.device))
+            for pad in (0, 2 * R):
+                wide = torch.full((E, 2 * c, H + pad), 3.0, dtype=dtype, device=experts.weight.device)
+                got = grouped._dequantize_gate_up(experts, gate_up_scales, chunk, chunks, wide[:, :, :H], strided)
+                assert torch.equal(got, expected), (chunks, chunk, pad)
+                assert (wide[:, :, H:] == 3).all()  # the padding is left alone
+            # w2 columns against one call on gathered bytes (1 chunk: on the stack), alone and with an adapter's A2
+            # rows below each expert's block (the backward's layout)
+            expected = grouped._down_weights(experts, down_scales, chunk, chunks, dtype)
+            a2 = torch.randn(E, R, I, generator=torch.Generator().manual_seed(chunk)).to(experts.weight.device, dtype)
+            with_rows = grouped._down_weights(experts, down_scales, chunk, chunks, dtype, [a2], strided)
+            assert torch.equal(with_rows[:, :H], expected), (chunks, chunk)
+            assert torch.equal(with_rows[:, H:], a2[:, :, chunk * c : (chunk + 1) * c])
+            if chunks > 1:
+                got = grouped._down_weights(experts, down_scales, chunk, chunks, dtype, strided=strided)
                 assert got.shape == expected.shape and got.dtype == dtype
-                assert torch.equal(got, expected), (make.__name__, chunks, c)
+                assert torch.equal(got, expected), (chunks, chunk)
 
 
 @pytest.mark.parametrize("quant_type, double_quant", QUANTIZATIONS)

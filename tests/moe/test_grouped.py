@@ -21,11 +21,11 @@ def _experts(dtype=torch.float32, chunks=None) -> QuantizedExperts:
     return q
 
 
-def _delta(seed: int, scaling: float = 2.0, dropout: nn.Module | None = None) -> ExpertLoraDelta:
+def _delta(seed: int, scaling: float = 2.0, dropout: nn.Module | None = None, device="cpu") -> ExpertLoraDelta:
     g = torch.Generator().manual_seed(seed)
 
     def t(*shape):
-        return (torch.randn(shape, generator=g) * 0.1).requires_grad_()
+        return (torch.randn(shape, generator=g) * 0.1).to(device).requires_grad_()
 
     return ExpertLoraDelta({"w1": t(E, R, H), "w3": t(E, R, H), "w2": t(E, R, I)},
                            {"w1": t(E, I, R), "w3": t(E, I, R), "w2": t(E, H, R)}, scaling, dropout or nn.Identity())
@@ -42,7 +42,7 @@ def _run(experts, deltas, kernel, x, index, weights):
     xx = x.clone().to(experts.compute_dtype).requires_grad_()
     params = [t for d in deltas for t in (*d.lora_A.values(), *d.lora_B.values())]
     y = expert_forward(xx, index, weights, experts, deltas, kernel=kernel)
-    grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, H)).square().sum(), [xx, *params])
+    grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, H, device=y.device)).square().sum(), [xx, *params])
     return [y.detach(), *grads]
 
 
@@ -72,6 +72,20 @@ def test_matches_the_reference_in_bfloat16():
         assert _rel(f, r) < 3e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_on_the_gpu_matches_the_reference_in_bfloat16(chunks):
+    """CUDA's grouped matmul on the padded operands (LoRA columns and rows), with the Triton launches where they
+    are on."""
+    experts = _experts(torch.bfloat16, chunks=chunks).to("cuda")
+    deltas = [_delta(2, device="cuda"), _delta(3, scaling=0.5, device="cuda")]
+    x, index, weights = (t.to("cuda") for t in _routing(unused_expert=False))
+    fast, ref = _run(experts, deltas, "grouped", x, index, weights), _run(experts, deltas, "reference", x, index, weights)
+    for f, r in zip(fast, ref):
+        assert _rel(f, r) < 3e-2
+
+
 def test_without_adapters_equals_the_base_experts():
     experts = _experts(chunks=4)
     x, index, weights = _routing()
@@ -80,35 +94,35 @@ def test_without_adapters_equals_the_base_experts():
 
 
 def test_dropout_gradients_match_finite_differences():
-    """With dropout the masks are random: check the backward against a central difference under the same seed."""
+    """With dropout the masks are random: check the backward against central differences under the same seed, for
+    each parameter and the input separately. A second adapter without dropout beside it (its w2 share goes
+    through the base matmul, the other's is masked)."""
     experts = _experts(chunks=2)
     dropout = nn.Dropout(0.3).train()
-    delta = _delta(4, dropout=dropout)
+    deltas = [_delta(4, dropout=dropout), _delta(6, scaling=0.5)]
     x, index, weights = _routing()
+    x = x.clone().requires_grad_()
 
     def loss(seed=0):
         torch.manual_seed(seed)
-        return expert_forward(x, index, weights, experts, [delta], kernel="grouped").square().sum()
+        return expert_forward(x, index, weights, experts, deltas, kernel="grouped").square().sum()
 
-    params = [*delta.lora_A.values(), *delta.lora_B.values()]
+    params = [x, *(t for delta in deltas for t in (*delta.lora_A.values(), *delta.lora_B.values()))]
     grads = torch.autograd.grad(loss(), params)
     g = torch.Generator().manual_seed(5)
-    directions = [torch.randn(p.shape, generator=g) for p in params]
     eps = 1e-3
-    with torch.no_grad():
-        for p, d in zip(params, directions):
+    for p, grad in zip(params, grads):
+        d = torch.randn(p.shape, generator=g)
+        with torch.no_grad():
             p.add_(eps * d)
-        up = loss()
-        for p, d in zip(params, directions):
+            up = loss()
             p.sub_(2 * eps * d)
-        down = loss()
-        for p, d in zip(params, directions):
+            down = loss()
             p.add_(eps * d)
-    numeric = (up - down) / (2 * eps)
-    analytic = sum((gr * d).sum() for gr, d in zip(grads, directions))
-    # central differences at this eps are off by ~1.4e-3 here with or without dropout (the eps^2 term);
-    # a mask that backward did not reuse would be off by O(1)
-    assert abs(numeric - analytic) / abs(analytic) < 5e-3
+        numeric, analytic = (up - down) / (2 * eps), (grad * d).sum()
+        # central differences at this eps are off by ~1e-3 here (the eps^2 term); a mask that backward did not
+        # reuse, or a missing 1 / (1 - p), would be off by O(1)
+        assert abs(numeric - analytic) / abs(analytic) < 1e-2, (p.shape, numeric.item(), analytic.item())
     assert not torch.equal(loss(0), loss(1))  # the masks are in effect
 
 
@@ -155,11 +169,17 @@ def test_partial_dequantization_equals_slices_of_the_whole():
         whole = stack.dequantize(torch.float32)
         scales = stack.block_scales()
         if stack is experts.gate_up_proj:
-            part = stack.dequantize_rows(scales, slice(64, 128), torch.float32, groups=2)
-            assert torch.equal(part, torch.cat([whole[:, 64:128], whole[:, I + 64 : I + 128]], 1))
+            expected = torch.cat([whole[:, 64:128], whole[:, I + 64 : I + 128]], 1)
+            wider = torch.full((E, 128, H + 16), 7.0)  # padded rows: the dequantized values go beside other columns
+            for out in (torch.empty(E, 128, H), wider[:, :, :H]):
+                assert torch.equal(stack.dequantize_rows(scales, slice(64, 128), out, groups=2), expected)
+            assert (wider[:, :, H:] == 7).all()
         else:
             part = stack.dequantize_part(scales, (H, 4), (slice(None), 1), (E, H, 64), torch.float32)
             assert torch.equal(part, whole[:, :, 64:128])
+            wider = torch.full((E, H + 16, 64), 7.0)  # expert blocks spaced wider (rows below each)
+            assert torch.equal(stack.dequantize_columns(scales, 1, 4, wider[:, :H]), whole[:, :, 64:128])
+            assert (wider[:, H:] == 7).all()
 
 
 def test_whole_tiny_model_loss_and_gradients_match(tiny_path):
@@ -183,19 +203,26 @@ def test_each_chunk_makes_only_its_share_of_the_dense_weights():
     from finetune.memory import LiveTensors
 
     x, index, weights = _routing(tokens=8)
-    dense_gate_up = E * 2 * I * H * 4
+    # chunk c of the w1 and w3 rows of all experts, dense, each row followed by the adapter's B columns (2r)
+    gate_up_weights = E * 2 * I * (H + 2 * R) * 4
     peaks = {}
     for chunks in (1, 2, 4):
         experts, deltas = _experts(chunks=chunks), [_delta(2)]
         tracker = LiveTensors(torch.device("cpu"))
         with tracker:
             _run(experts, deltas, "grouped", x, index, weights)
-        # the largest thing made is chunk c of the w1 and w3 rows of all experts, dense
-        assert tracker.largest.nbytes == dense_gate_up // chunks, tracker.largest
-        # one chunk: a single dequantize call; more: one buffer that each expert's piece is dequantized into
-        assert tracker.largest.what.startswith("dequantize_4bit" if chunks == 1 else "empty "), tracker.largest
+        # the largest thing made is one buffer that each expert's piece is dequantized into
+        assert tracker.largest.nbytes == gate_up_weights // chunks, tracker.largest
+        assert tracker.largest.what.startswith("empty "), tracker.largest
         peaks[chunks] = tracker.peak
     assert peaks[1] > peaks[2] > peaks[4]
+
+
+def _swiglu_autograd(h, d_act, inter):
+    leaf = h.clone().requires_grad_()
+    act = torch.nn.functional.silu(leaf[:, :inter]) * leaf[:, inter:]
+    act.backward(d_act)
+    return act.detach(), leaf.grad
 
 
 def test_swiglu_backward_without_triton_in_row_blocks_equals_autograd(monkeypatch):
@@ -204,22 +231,75 @@ def test_swiglu_backward_without_triton_in_row_blocks_equals_autograd(monkeypatc
     monkeypatch.setattr(grouped, "_SWIGLU_BLOCK_ELEMENTS", 3 * 16)  # 3 rows a block: 4 blocks, the last partial
     g = torch.Generator().manual_seed(0)
     h, d_act = torch.randn(10, 32, generator=g), torch.randn(10, 16, generator=g)
-    leaf = h.clone().requires_grad_()
-    (torch.nn.functional.silu(leaf[:, :16]) * leaf[:, 16:]).backward(d_act)
-    assert torch.allclose(grouped._swiglu_backward(h, d_act, 16, None), leaf.grad, atol=1e-6)
+    act, dh = _swiglu_autograd(h, d_act, 16)
+    got_dh, got_act = grouped.EAGER_SWIGLU.backward(h, d_act, 16)
+    assert torch.allclose(got_dh, dh, atol=1e-6) and torch.equal(got_act, act)
+    assert torch.equal(grouped.EAGER_SWIGLU.forward(h, 16), act)
 
 
-def test_swiglu_backward_with_triton_equals_autograd(monkeypatch):
-    """The fused kernel a GPU runs, here by Triton's interpreter on CPU tensors."""
+def test_swiglu_with_triton_equals_autograd(monkeypatch):
+    """The fused passes a GPU runs, here by Triton's interpreter on CPU tensors."""
     pytest.importorskip("triton", reason="triton is a dev dependency (Linux x86_64)")
     from finetune.moe import grouped
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    launch = grouped.make_triton_swiglu_backward()
+    kernels = grouped.make_triton_swiglu()
     g = torch.Generator().manual_seed(0)
     h, d_act = torch.randn(10, 2 * 1100, generator=g), torch.randn(10, 1100, generator=g)  # two column blocks
-    leaf = h.clone().requires_grad_()
-    (torch.nn.functional.silu(leaf[:, :1100]) * leaf[:, 1100:]).backward(d_act)
-    out = torch.empty_like(h)
-    launch(h, d_act, out, 1100)
-    assert torch.allclose(out, leaf.grad, atol=1e-6)
+    act, dh = _swiglu_autograd(h, d_act, 1100)
+    got_dh, got_act = kernels.backward(h, d_act, 1100)
+    assert torch.allclose(got_dh, dh, atol=1e-6) and torch.allclose(got_act, act, atol=1e-6)
+    assert torch.allclose(kernels.forward(h, 1100), act, atol=1e-6)
+
+
+def test_the_grouped_kernel_with_the_fused_swiglu_matches_eager(monkeypatch):
+    """Forward and backward through the Triton passes a GPU runs (here by the interpreter): the same output and
+    gradients as with eager torch, up to float32 rounding (the fused passes round each value once)."""
+    pytest.importorskip("triton", reason="triton is a dev dependency (Linux x86_64)")
+    from finetune.moe import grouped
+
+    experts, deltas = _experts(chunks=2), [_delta(2)]
+    x, index, weights = _routing(tokens=64)
+    eager = _run(experts, deltas, "grouped", x, index, weights)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels, calls = grouped.make_triton_swiglu(), []
+
+    def counted(fn):
+        return lambda *a: calls.append(fn.__name__) or fn(*a)
+
+    monkeypatch.setattr(grouped, "_swiglu_kernels", lambda _: grouped.SwigluKernels(counted(kernels.forward),
+                                                                                     counted(kernels.backward)))
+    fused = _run(experts, deltas, "grouped", x, index, weights)
+    assert calls == ["forward", "forward", "backward", "backward"]  # 2 chunks
+    for f, e in zip(fused, eager):
+        assert _rel(f, e) < 1e-6
+
+
+def test_the_environment_turns_the_fused_swiglu_off(monkeypatch):
+    from finetune.moe import grouped
+
+    h = torch.empty(2, 8)
+    assert grouped._swiglu_kernels(h) is grouped.EAGER_SWIGLU  # a CPU tensor: eager torch either way
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(grouped, "_triton_swiglu", lambda: "fused")
+    assert grouped._swiglu_kernels(h) == "fused"
+    monkeypatch.setenv(grouped.FUSED_SWIGLU_ENV, "0")
+    assert grouped._swiglu_kernels(h) is grouped.EAGER_SWIGLU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_on_the_gpu_the_fused_swiglu_matches_float32_autograd():
+    """bfloat16 in and out; the fused passes round each value once, eager torch twice or more."""
+    from finetune.moe import grouped
+
+    kernels = grouped.make_triton_swiglu()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(300, 2 * 1100, generator=g, device="cuda").bfloat16()
+    d_act = torch.randn(300, 1100, generator=g, device="cuda").bfloat16()
+    act, dh = _swiglu_autograd(h.float(), d_act.float(), 1100)
+    got_dh, got_act = kernels.backward(h, d_act, 1100)
+    got = kernels.forward(h, 1100)
+    assert got.dtype == got_dh.dtype == got_act.dtype == torch.bfloat16
+    assert torch.equal(got, got_act)
+    assert _rel(got, act) < 4e-3 and _rel(got_dh, dh) < 4e-3
