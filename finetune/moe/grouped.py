@@ -56,6 +56,8 @@ def grouped_unsupported_reason(hidden_states: torch.Tensor, weights, lora: Seque
             return "on CUDA the grouped matmul needs compute capability 8.0 or newer"
     elif device.type != "cpu":
         return f"device {device.type} is not supported"
+    if weights.intermediate_dim % BLOCKSIZE:  # chunks of w2's rows (and w1/w3's) must be whole 4-bit blocks
+        return f"intermediate size {weights.intermediate_dim} is not a multiple of the 4-bit block size {BLOCKSIZE}"
     # grouped matmul operands need 16-byte aligned rows
     align = 16 // torch.empty((), dtype=dtype).element_size()
     sizes = {"hidden": weights.hidden_dim, "intermediate": weights.intermediate_dim}

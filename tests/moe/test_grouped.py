@@ -156,6 +156,12 @@ def test_unsupported_inputs_fall_back_or_refuse_when_forced():
         expert_forward(x, index, weights, stock, [], kernel="grouped")
     odd_rank = ExpertLoraDelta({"w1": torch.zeros(E, 3, H)}, {}, 1.0, nn.Identity())
     assert "LoRA rank" in grouped_unsupported_reason(x, _experts(torch.bfloat16), [odd_rank])
+    # an intermediate size of 96: its w2 rows are not whole 4-bit blocks; the reference loop takes it
+    odd = QuantizedExperts(torch.randn(E, 2 * 96, H) * 0.05, torch.randn(E, H, 96) * 0.05, act_fn=nn.SiLU(),
+                           compute_dtype=torch.float32)
+    assert "intermediate size 96" in grouped_unsupported_reason(x, odd, [])
+    fast, ref = _run(odd, [], "auto", x, index, weights), _run(odd, [], "reference", x, index, weights)
+    assert all(torch.equal(f, r) for f, r in zip(fast, ref))
 
 
 def test_chunks_cut_whole_blocks():
