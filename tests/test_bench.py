@@ -113,3 +113,16 @@ def test_stepping_in_the_backward_through_the_checkpointed_grouped_model_is_the_
         return [p.detach().clone() for p in params]
 
     assert all(torch.equal(a, b) for a, b in zip(stepped(False), stepped(True)))
+
+
+def test_traffic_prints_each_chunking_and_puts_the_kernel_back(capsys):
+    """`--traffic` only counts (no model is built): one row per chunking at the 8x7B widths, the matmul FLOPs the
+    same for every chunking; afterwards the grouped kernel has its own launchers again."""
+    from finetune.moe import grouped
+
+    launchers = grouped._strided_dequantizer, grouped._swiglu_kernels
+    assert cli_main(["bench", "--traffic", "--seqs", "2048"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2048 |")]
+    assert [row[2].strip() for row in rows] == ["1", "2", "4"]
+    assert len({row[3] for row in rows}) == 1 and float(rows[0][3]) > 4  # about 4.4 TFLOP a layer and step
+    assert (grouped._strided_dequantizer, grouped._swiglu_kernels) == launchers
