@@ -199,7 +199,7 @@ def make_triton_swiglu() -> SwigluKernels | None:
         return None
 
     @triton.jit
-    def forward_kernel(h_ptr, act_ptr, inter, BLOCK: tl.constexpr):
+    def kernel(h_ptr, d_ptr, dh_ptr, act_ptr, inter, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -207,33 +207,25 @@ def make_triton_swiglu() -> SwigluKernels | None:
         up = tl.load(h_ptr + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
         sig = 1 / (1 + tl.exp(-gate))  # tl.sigmoid, written out: the interpreter cannot call library jit functions
         tl.store(act_ptr + row * inter + cols, (gate * sig * up).to(act_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def backward_kernel(h_ptr, d_ptr, dh_ptr, act_ptr, inter, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < inter
-        gate = tl.load(h_ptr + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
-        sig = 1 / (1 + tl.exp(-gate))
-        dh_row = dh_ptr + row * 2 * inter
-        tl.store(dh_row + cols, (d * up * sig * (1 + gate * (1 - sig))).to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh_row + inter + cols, (d * gate * sig).to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(act_ptr + row * inter + cols, (gate * sig * up).to(act_ptr.dtype.element_ty), mask=mask)
+        if BACKWARD:
+            d = tl.load(d_ptr + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
+            dh_row = dh_ptr + row * 2 * inter
+            tl.store(dh_row + cols, (d * up * sig * (1 + gate * (1 - sig))).to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_row + inter + cols, (d * gate * sig).to(dh_ptr.dtype.element_ty), mask=mask)
 
     block = 1024
 
     def forward(h: torch.Tensor, inter: int) -> torch.Tensor:
         h = h.contiguous()
         act = h.new_empty(h.shape[0], inter)
-        forward_kernel[(h.shape[0], triton.cdiv(inter, block))](h, act, inter, BLOCK=block)
+        kernel[(h.shape[0], triton.cdiv(inter, block))](h, h, h, act, inter, BACKWARD=False, BLOCK=block)
         return act
 
     def backward(h: torch.Tensor, d_act: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
         h = h.contiguous()
         dh, act = torch.empty_like(h), h.new_empty(h.shape[0], inter)
-        backward_kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter, BLOCK=block)
+        kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter, BACKWARD=True,
+                                                         BLOCK=block)
         return dh, act
 
     return SwigluKernels(forward, backward)
