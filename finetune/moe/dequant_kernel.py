@@ -17,6 +17,7 @@ FINETUNE_STRIDED_DEQUANT=0 in the environment turns it off (bitsandbytes' calls 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable
@@ -25,6 +26,11 @@ import torch
 
 SWITCH_ENV = "FINETUNE_STRIDED_DEQUANT"
 TILE_ROWS, TILE_COLS = 4, 1024  # output rows and columns per program
+
+
+def on_its_device(t: torch.Tensor):
+    """The context a Triton launch on `t` needs: Triton launches on torch's current CUDA device, not the tensors'."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def strided_dequantizer() -> Callable | None:
@@ -83,8 +89,9 @@ def make_strided_dequantizer(tile_rows: int = TILE_ROWS, tile_cols: int = TILE_C
             raise ValueError("the data and scales must be contiguous")
         total = experts * groups * rows
         grid = (triton.cdiv(total, tile_rows), triton.cdiv(cols, tile_cols))
-        kernel[grid](data, scales, code, out, total, groups, rows, cols, stride_e, row_stride, *strides, base,
-                     TILE_ROWS=tile_rows, TILE_COLS=tile_cols, BLOCKSIZE=blocksize)
+        with on_its_device(out):
+            kernel[grid](data, scales, code, out, total, groups, rows, cols, stride_e, row_stride, *strides, base,
+                         TILE_ROWS=tile_rows, TILE_COLS=tile_cols, BLOCKSIZE=blocksize)
         return out
 
     return launch

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dequant_kernel import strided_dequantizer
+from .dequant_kernel import on_its_device, strided_dequantizer
 from .quantized_experts import BLOCKSIZE, ExpertLoraDelta, QuantizedExperts
 
 # Chunks of the intermediate dimension per layer call. Measured on an H100 (8x7B, seq 4096): 1 chunk 3,526 tok/s,
@@ -54,6 +54,11 @@ def grouped_unsupported_reason(hidden_states: torch.Tensor, weights, lora: Seque
             return f"on CUDA the grouped matmul needs bfloat16 compute, not {dtype}"
         if torch.cuda.get_device_capability(device) < (8, 0):
             return "on CUDA the grouped matmul needs compute capability 8.0 or newer"
+        # before 2.9, CUDA's grouped matmul could hang on a group of no rows (an expert without tokens) in the
+        # weight gradients. (Its CUTLASS kernels are built for compute capability 9.0 and 10.0; on 8.x torch runs
+        # a per-group fallback that waits on the host, slower but still one call per projection.)
+        if torch.__version__ < (2, 9):
+            return f"on CUDA the grouped matmul needs torch 2.9 or newer, not {torch.__version__}"
     elif device.type != "cpu":
         return f"device {device.type} is not supported"
     if weights.intermediate_dim % BLOCKSIZE:  # chunks of w2's rows (and w1/w3's) must be whole 4-bit blocks
@@ -218,14 +223,16 @@ def make_triton_swiglu() -> SwigluKernels | None:
     def forward(h: torch.Tensor, inter: int) -> torch.Tensor:
         h = h.contiguous()
         act = h.new_empty(h.shape[0], inter)
-        kernel[(h.shape[0], triton.cdiv(inter, block))](h, h, h, act, inter, BACKWARD=False, BLOCK=block)
+        with on_its_device(h):
+            kernel[(h.shape[0], triton.cdiv(inter, block))](h, h, h, act, inter, BACKWARD=False, BLOCK=block)
         return act
 
     def backward(h: torch.Tensor, d_act: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
         h = h.contiguous()
         dh, act = torch.empty_like(h), h.new_empty(h.shape[0], inter)
-        kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter, BACKWARD=True,
-                                                         BLOCK=block)
+        with on_its_device(h):
+            kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter, BACKWARD=True,
+                                                             BLOCK=block)
         return dh, act
 
     return SwigluKernels(forward, backward)
