@@ -676,11 +676,27 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
     return rows, check
 
 
-def _count(text: str, least: int = 0) -> int:
-    value = int(text)
+def _count(text: str, least: int = 0, why: str = "") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < least:
-        raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {least} or more{why}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _count(text, least=1)
+
+
+def _seq(text: str) -> int:
+    """A sequence length: one token has no next token to predict, so a training step needs two."""
+    return _count(text, least=2, why=" (a step predicts each next token)")
+
+
+def _seqs(text: str) -> list[int]:
+    return [_seq(v) for v in text.split(",")]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -695,15 +711,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-shape", action="store_true",
                    help="the 8x7B widths even on CPU, in bfloat16 as on a GPU (slow there: for --memory with --layers 1)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
-    p.add_argument("--seqs", type=lambda s: [int(v) for v in s.split(",")], default=None,
+    p.add_argument("--seqs", type=_seqs, default=None,
                    help="comma-separated sequence lengths (default 2048,4096)")
     p.add_argument("--quick", action="store_true", help="on CPU: short sequences (64,128) for a fast smoke run")
-    p.add_argument("--layers", type=int, default=None, help="fewer layers than the model has (a quicker look)")
+    p.add_argument("--layers", type=_positive, default=None, help="fewer layers than the model has (a quicker look)")
     p.add_argument("--steps", type=_count, default=5, help="timed steps per sequence length (median reported; 0: none)")
-    p.add_argument("--naive-steps", type=int, default=None, help="timed steps for the naive path (default --steps)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--check-seq", type=int, default=256, help="tokens for the fast-vs-reference check")
-    p.add_argument("--chunks", type=lambda text: _count(text, least=1), default=None,
+    p.add_argument("--naive-steps", type=_positive, default=None,
+                   help="timed steps for the naive path (default --steps; none: --no-naive)")
+    p.add_argument("--warmup", type=_count, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--check-seq", type=_seq, default=256, help="tokens for the fast-vs-reference check")
+    p.add_argument("--chunks", type=_positive, default=None,
                    help="dequantization chunks per expert stack (default finetune.moe.grouped.DEFAULT_CHUNKS)")
     p.add_argument("--no-strided-dequant", action="store_true",
                    help="GPU: dequantize expert chunks with bitsandbytes' calls (one per expert and row group) "

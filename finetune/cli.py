@@ -50,24 +50,25 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("recipe", type=Path)
     data.add_argument("overrides", nargs="*", metavar="key.sub=value")
     data.add_argument("--stage", choices=["sft", "dpo"], help="only this stage's data (default: every stage's)")
-    data.add_argument("--examples", type=int, default=3, metavar="N", help="training examples to show (default 3)")
+    data.add_argument("--examples", type=at_least(0), default=3, metavar="N",
+                      help="training examples to show (default 3; 0: the stats alone)")
     data.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                       help="mark trained tokens in green (auto: when printing to a terminal) or between ⟦ ⟧")
     data.set_defaults(command=cmd_data)
 
     gen = sub.add_parser("generate", help="answer a prompt with an export folder or a run folder")
     gen.add_argument("target", type=Path, help="an export folder, or a run folder (base + final adapter)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", type=not_blank, required=True)
     gen.add_argument("--system", default=None, help="an optional system prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    gen.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 decodes greedily")
     gen.set_defaults(command=cmd_generate)
 
     chat = sub.add_parser("chat", help="talk to an export folder or a run folder; /reset clears, /exit ends")
     chat.add_argument("target", type=Path, help="an export folder, or a run folder (base + final adapter)")
     chat.add_argument("--system", default=None, help="an optional system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    chat.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    chat.add_argument("--temperature", type=temperature, default=0.0, help="0 decodes greedily")
     chat.set_defaults(command=cmd_chat)
 
     export = sub.add_parser("export", help="merge a finished run's adapter into the base (or write the adapter "
@@ -77,10 +78,14 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     export.add_argument("--base", choices=["original", "dequantized"], default="original",
                         help="merge into the base checkpoint's weights, or into the 4-bit weights as trained")
-    export.add_argument("--max-shard-size", default="5GB")
-    export.add_argument("--tolerance", type=float, default=None,
-                        help="largest allowed logit difference to base+adapter (default by dtype)")
-    export.add_argument("--out", type=Path, default=None, help="default: RUN/export or RUN/export-adapter")
+    export.add_argument("--max-shard-size", type=export_setting("max_shard_size", "a size such as 5GB or 500MB"),
+                        default="5GB", help="largest shard, e.g. 5GB or 500MB, as export.max_shard_size")
+    export.add_argument("--tolerance", type=export_setting("verify_tolerance", "a finite number > 0"), default=None,
+                        help="largest allowed |logit difference| to base+adapter, > 0 (default by dtype: float32 "
+                             "1e-3; in 16 bits 35%% of how far the adapter moves the logits)")
+    export.add_argument("--out", type=Path, default=None,
+                        help="default: RUN/export or RUN/export-adapter; replaced by the new export, so it must be "
+                             "new, empty or an earlier export, and (but for those defaults) outside the run folder")
     export.set_defaults(command=cmd_export)
 
     report = sub.add_parser("report", help="plot a run's losses, learning rate, grad norm, DPO rewards, eval "
@@ -96,6 +101,52 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs="*")
     bench.set_defaults(command=cmd_bench)
     return p
+
+
+def at_least(low: int):
+    """An integer option's type that refuses values below `low` when parsing, before anything loads."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return integer
+
+
+def temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 (greedy) or a positive number")
+    return value
+
+
+def not_blank(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give the text to answer")
+    return text
+
+
+def export_setting(key: str, expected: str):
+    """An export option's type: the rule of the same recipe key (export.KEY) in the schema, not a copy of it."""
+    def value(text: str):
+        from pydantic import ValidationError
+
+        from finetune.recipe.schema import ExportSpec
+
+        try:
+            return getattr(ExportSpec.model_validate({key: text}), key)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected} (as the recipe key export.{key})") \
+                from None
+
+    return value
 
 
 def cmd_validate(args) -> int:

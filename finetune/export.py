@@ -19,6 +19,7 @@ Every export is reloaded with stock transformers and checked before it is moved 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ VERIFY_PROMPTS = [
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
 ADAPTER_PREFIX = "base_model.model."
+EXPORT_MARKER = "finetune-export.json"  # written into every export: it tells an earlier export from a user's folder
 SAFE_SUFFIXES = {".safetensors", ".json", ".jinja", ".md", ".txt", ".model"}
 
 
@@ -253,8 +255,43 @@ def merge(base: Path, adapter: Adapter, out: Path, dtype: torch.dtype, max_shard
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
     if not m:
-        raise ValueError(f"size {text!r}: expected e.g. 5GB, 500MB")
+        raise ExportError(f"max shard size {text!r}: expected e.g. 5GB, 500MB")
     return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
+
+
+# what run.json must record, and the file each entry's folder must hold (None: the entry is that file)
+RUN_RECORD = {"recipe": None, "base_model": "config.json", "tokenizer": "tokenizer_config.json",
+              "final_adapter": "adapter_model.safetensors"}
+
+
+def run_record(run_dir: Path) -> dict[str, Path]:
+    """run.json's entries as paths in `run_dir` itself. run.json records absolute paths, so a run that was moved
+    or copied would otherwise read the files where it was written (or the original's): what lay under the run
+    folder then is found under `run_dir` now; what lay outside it (a base checkpoint elsewhere) is kept."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise FinetuneError(f"{run_dir}: no run.json; is this a finished run folder?")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FinetuneError(f"{path}: not the JSON a run writes ({e})") from e
+    missing = [key for key in RUN_RECORD if not isinstance(record, dict) or not isinstance(record.get(key), str)]
+    if missing:
+        raise FinetuneError(f"{path}: lacks {', '.join(missing)}; is the run finished? (a run writes run.json "
+                            "when its last stage ends)")
+    written_in = Path(record["recipe"]).parent  # where the run folder was: it holds recipe.yaml
+    paths = {}
+    for key, inside in RUN_RECORD.items():
+        recorded = Path(record[key])
+        if not recorded.is_absolute():
+            recorded = run_dir / recorded
+        elif written_in.is_absolute() and recorded.is_relative_to(written_in):
+            recorded = run_dir / recorded.relative_to(written_in)
+        needed = recorded / inside if inside else recorded
+        if not needed.is_file():
+            raise FinetuneError(f"{needed}: missing (the run's {key.replace('_', ' ')}, as {path} records it)")
+        paths[key] = recorded
+    return paths
 
 
 @dataclass(frozen=True)
@@ -271,13 +308,14 @@ class RunFiles:
     def read(cls, run_dir: Path) -> RunFiles:
         import yaml
 
-        record_path = run_dir / "run.json"
-        if not record_path.is_file():
-            raise ExportError(f"{run_dir}: no run.json; is this a finished run folder?")
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        recipe = yaml.safe_load(Path(record["recipe"]).read_text(encoding="utf-8"))
-        return cls(run_dir, Path(record["base_model"]), Path(record["final_adapter"]), Path(record["tokenizer"]),
-                   recipe)
+        paths = run_record(run_dir)
+        try:
+            recipe = yaml.safe_load(paths["recipe"].read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise FinetuneError(f"{paths['recipe']}: not the recipe a run saves ({e})") from e
+        if not isinstance(recipe, dict):
+            raise FinetuneError(f"{paths['recipe']}: not the recipe a run saves (not a mapping)")
+        return cls(run_dir, paths["base_model"], paths["final_adapter"], paths["tokenizer"], recipe)
 
     def quantization(self) -> tuple[str, bool, torch.dtype] | None:
         quant = self.recipe["model"].get("quantization")
@@ -299,10 +337,13 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
 
     if base == "dequantized" and run.quantization() is None:
         raise ExportError("--base dequantized: this run trained on unquantized weights; use --base original")
-    staging = _staging(out_dir)
+    max_shard_bytes = parse_size(max_shard_size)
+    _check_tolerance(tolerance)
+    check_out_dir(run.run_dir, out_dir)
+    staging = _staging(out_dir, "merged")
     try:
         print(f"[export] merging {run.adapter} into the {base} weights of {run.base_model} ({dtype})")
-        report = merge(run.base_model, Adapter.read(run.adapter), staging, DTYPES[dtype], parse_size(max_shard_size),
+        report = merge(run.base_model, Adapter.read(run.adapter), staging, DTYPES[dtype], max_shard_bytes,
                        trained_on=run.quantization() if base == "dequantized" else None)
         if report.unchanged_targets:
             raise ExportError(f"{len(report.unchanged_targets)} targeted weights did not change when merged, e.g. "
@@ -316,7 +357,8 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(run, f"merged into the {base} base weights, {dtype}"))
         reference, effect = reference_logits(run, base, dtype, tokenizer)
-        record = verify_export(staging, tokenizer, reference, tolerance or default_tolerance(dtype, effect))
+        tolerance = default_tolerance(dtype, effect) if tolerance is None else tolerance
+        record = verify_export(staging, tokenizer, reference, tolerance)
         record["adapter_effect"] = effect
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -335,7 +377,9 @@ def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolera
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    staging = _staging(out_dir)
+    _check_tolerance(tolerance)
+    check_out_dir(run.run_dir, out_dir)
+    staging = _staging(out_dir, "adapter")
     try:
         tensors = load_file(run.adapter / "adapter_model.safetensors")
         save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
@@ -349,7 +393,7 @@ def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolera
         reference, effect = reference_logits(run, "original", "float32", tokenizer)
         exported = _logits(_stock_with_adapter(run.base_model, staging, torch.float32), _prompts(tokenizer))
         worst = max((a - b).abs().max().item() for a, b in zip(exported, reference))
-        tolerance = tolerance or default_tolerance(dtype, effect)
+        tolerance = default_tolerance(dtype, effect) if tolerance is None else tolerance
         if worst > tolerance:
             raise ExportError(f"{staging}: the {dtype} adapter moves logits by {worst:.3g} (> {tolerance})")
     except BaseException:
@@ -443,16 +487,59 @@ def _logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [model(input_ids=p).logits.float() for p in prompts]
 
 
-def _staging(out_dir: Path) -> Path:
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+def _check_tolerance(tolerance: float | None) -> None:
+    if tolerance is not None and not (0 < tolerance < math.inf):
+        raise ExportError(f"tolerance {tolerance}: must be a finite number > 0 (or none, for the default by dtype)")
+
+
+def check_out_dir(run_dir: Path, out_dir: Path) -> None:
+    """Refuse, before any work, an export folder whose replacement would delete what is not an earlier export:
+    the run folder or a folder holding it, anything inside the run but its export folders, or a user's files.
+    The export is staged in OUT.partial and the previous one set aside as OUT.old, so those are checked too."""
+    if out_dir.name in ("", "..", "."):  # its .partial and .old siblings would land elsewhere
+        raise ExportError(f"export folder {out_dir}: give the folder by its name, not as . or ..")
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out != run and out.is_relative_to(run) and out not in (run / "export", run / "export-adapter"):
+        raise ExportError(f"export folder {out_dir}: inside the run folder {run_dir}, whose files it would "
+                          f"replace; use the default ({run_dir / 'export'}) or a folder outside the run")
+    for path in (out_dir, _sibling(out_dir, ".partial"), _sibling(out_dir, ".old")):
+        role = "" if path == out_dir else f" (the export would be staged or set aside in {path})"
+        if run.is_relative_to(path.resolve()):
+            raise ExportError(f"export folder {out_dir}{role}: {'is' if path.resolve() == run else 'holds'} the "
+                              f"run folder {run_dir}, which the export would delete; choose a folder outside the run")
+        if path.exists() and not path.is_dir():
+            raise ExportError(f"export folder {out_dir}{role}: {path} is a file, not an export folder")
+        if path.is_dir() and any(path.iterdir()) and not _made_by_export(path):
+            names = sorted(p.name for p in path.iterdir())
+            raise ExportError(f"export folder {out_dir}{role}: {path} holds files that are not an earlier export "
+                              f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), which the export would "
+                              "delete; choose a new or empty folder, or move them away")
+
+
+def _made_by_export(folder: Path) -> bool:
+    """The marker every export writes first, or the model card that exports wrote before there was one."""
+    card = folder / "README.md"
+    return (folder / EXPORT_MARKER).is_file() or (
+        card.is_file() and card.read_text(encoding="utf-8", errors="replace").startswith("# Fine-tune of "))
+
+
+def _sibling(out_dir: Path, suffix: str) -> Path:
+    return out_dir.with_name(out_dir.name + suffix)
+
+
+def _staging(out_dir: Path, kind: str) -> Path:
+    staging = _sibling(out_dir, ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a killed export's, as check_out_dir made sure
     staging.mkdir(parents=True)
+    (staging / EXPORT_MARKER).write_text(json.dumps({"made_by": "finetune export", "kind": kind}) + "\n",
+                                         encoding="utf-8")
     return staging
 
 
 def _replace(staging: Path, out_dir: Path) -> None:
     """Swap the verified export in; a previous export stays whole until then."""
-    old = out_dir.with_name(out_dir.name + ".old")
+    old = _sibling(out_dir, ".old")
+    shutil.rmtree(old, ignore_errors=True)  # an export killed while swapping left it (check_out_dir made sure)
     if out_dir.exists():
         out_dir.rename(old)
     staging.rename(out_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,9 @@ def load_for_generation(target: Path):
         raise FinetuneError(f"{target}: neither an export (config.json) nor a finished run folder (run.json)")
     from peft import PeftModel
 
-    run = json.loads((target / "run.json").read_text(encoding="utf-8"))
+    from finetune.export import run_record
+
+    run = run_record(target)
     base = AutoModelForCausalLM.from_pretrained(run["base_model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(run["tokenizer"])
     return PeftModel.from_pretrained(base, run["final_adapter"]), tokenizer

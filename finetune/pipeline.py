@@ -29,6 +29,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
 
     refuse_secrets(recipe.model_dump(mode="json"), "recipe")  # before anything is written or imported
     from finetune import distributed
+    from finetune.data.prepare import prepare
     from finetune.model import resolve_device
     from finetune.stages.common import StopSignal, refuse_unresumable, stage_finished
 
@@ -41,16 +42,68 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     run_dir = recipe.run_dir
     with StopSignal() as stop, disk_errors(run_dir):
         check_run_dir(recipe, resume, overwrite)
-        if resume and not overwrite:
+        continuing = resume and not overwrite
+        if continuing:
             refuse_unresumable([run_dir / s.type for s in recipe.stages if not stage_finished(run_dir / s.type)])
+        # every stage's data is read and checked before the folder changes (a bad DPO row found after hours of
+        # SFT, or after --overwrite deleted the previous run, costs what it would have saved)
+        tokenizer = load_tokenizer(recipe.model.tokenizer)
+        to_run = [s.type for s in recipe.stages if not (continuing and stage_finished(run_dir / s.type))]
+        with distributed.main_first():  # the main process fills the data cache, the others read it
+            prepared = {kind: prepare(recipe, tokenizer, kind) for kind in to_run}
+        data = {kind: p.fingerprint for kind, p in prepared.items()}
+        if continuing:
+            refuse_changed_data(recipe, data)
         distributed.barrier()  # every process has read the folder before the main process changes it
         if distributed.is_main():
             prepare_run_dir(recipe, overwrite)
+            record_data(run_dir, data)
         distributed.barrier()
-        return run_stages(recipe, resume, stop)
+        return run_stages(recipe, resume, stop, tokenizer, prepared)
 
 
-def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
+def refuse_changed_data(recipe: Recipe, data: dict[str, str]) -> None:
+    """--resume continues a stage's checkpoint only on the data it was trained on (a finished stage is not run
+    again, so its data may have changed)."""
+    from finetune.stages.common import last_complete_checkpoint, stage_finished
+
+    recorded = _recorded_data(recipe.run_dir)
+    for kind, now in data.items():
+        stage_dir = recipe.run_dir / kind
+        was = recorded.get(kind)
+        if was is None or was == now or stage_finished(stage_dir):
+            continue
+        checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
+        if checkpoint is not None:
+            sources = ", ".join(s.name for s in getattr(recipe.data, kind).sources)
+            raise FinetuneError(f"data.{kind}: the data ({sources}) differs from what {checkpoint} was trained on "
+                                f"(fingerprint {was[:12]}, now {now[:12]}); resume needs the same data: put it back, "
+                                "or pass --overwrite to start the run over")
+
+
+def record_data(run_dir: Path, data: dict[str, str]) -> None:
+    """data.json: each stage's data fingerprint (a finished stage keeps the one it was trained on)."""
+    from finetune.stages.common import stage_finished
+
+    kept = {stage: was for stage, was in _recorded_data(run_dir).items() if stage_finished(run_dir / stage)}
+    record = {**data, **kept}
+    tmp = run_dir / "data.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "data.json")
+
+
+def _recorded_data(run_dir: Path) -> dict[str, str]:
+    path = run_dir / "data.json"
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FinetuneError(f"{path}: not the JSON a run writes ({e}); remove it to resume without the data check")
+    return {k: v for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else {}
+
+
+def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict) -> dict:
     from transformers import set_seed
 
     from finetune import distributed
@@ -63,7 +116,6 @@ def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
     set_seed(recipe.seed)
     with distributed.main_first():
         base_path = prepare_base(recipe.model, run_dir, recipe.seed)
-    tokenizer = load_tokenizer(recipe.model.tokenizer)
     if distributed.is_main():
         tokenizer.save_pretrained(run_dir / "tokenizer")
     record = {"recipe": str((run_dir / "recipe.yaml").resolve()), "base_model": str(base_path.resolve()),
@@ -78,7 +130,8 @@ def run_stages(recipe: Recipe, resume: bool, stop) -> dict:
             adapter = stage_dir / "adapter"
         else:
             set_seed(recipe.seed)  # a resumed run and a fresh one start each stage from the same RNG state
-            adapter = run_stage(recipe, stage, base_path, tokenizer, stage_dir, adapter, resume, stop)
+            adapter = run_stage(recipe, stage, base_path, tokenizer, stage_dir, adapter, resume, stop,
+                                prepared[stage.type])
         record["stages"][stage.type] = str(stage_dir.resolve())
     record["final_adapter"] = str(adapter.resolve())
     if distributed.is_main():
@@ -107,7 +160,10 @@ def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two different runs in one folder (read-only, so every process can check it)."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.yaml"
-    if not saved.is_file() or overwrite:
+    if overwrite:
+        refuse_to_delete(run_dir)
+        return
+    if not saved.is_file():
         return
     if not resume:
         raise FinetuneError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to "
@@ -117,6 +173,30 @@ def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
         changed = _changed_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(text))
         raise FinetuneError(f"{saved}: the recipe differs from the one this run started with "
                             f"({', '.join(changed)}); resume needs the same recipe")
+
+
+# what a run writes in its folder (README: What a run writes), and the temporary names it writes them under
+RUN_ENTRIES = {"recipe.yaml", "run.json", "data.json", "base-model", "tokenizer", "sft", "dpo", "tracking.json",
+               "wandb", "tensorboard", "mlflow.db", "mlartifacts", "report", "export", "export-adapter"}
+TEMPORARY_SUFFIXES = (".tmp", ".partial", ".old")
+
+
+def refuse_to_delete(run_dir: Path) -> None:
+    """--overwrite empties output_dir: only a folder that holds a run and nothing else (no file of the user's)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise FinetuneError(f"output_dir {run_dir} is not a folder")
+    names = sorted(p.name for p in run_dir.iterdir())
+    if names and "recipe.yaml" not in names:
+        raise FinetuneError(f"--overwrite: {run_dir} does not hold a run (no recipe.yaml), so it is not deleted; "
+                            "choose an empty or new output_dir")
+    foreign = [n for n in names if n not in RUN_ENTRIES and not any(
+        n.endswith(suffix) and n[: -len(suffix)] in RUN_ENTRIES for suffix in TEMPORARY_SUFFIXES)]
+    if foreign:
+        raise FinetuneError(f"--overwrite: {run_dir} holds what a run does not write ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}), so it is not deleted; move those away or "
+                            "choose another output_dir")
 
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool) -> None:
@@ -168,16 +248,16 @@ def load_tokenizer(name: str):
 
 
 def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None,
-              resume: bool, stop) -> Path:
+              resume: bool, stop, prepared) -> Path:
     stage_dir.mkdir(parents=True, exist_ok=True)  # every process: each writes its RNG state into checkpoints
     print(f"\n=== stage {stage.type} -> {stage_dir}")
     if stage.type == "sft":
         from finetune.stages.sft import run_sft
 
-        return run_sft(recipe, stage, base_path, tokenizer, stage_dir, resume, stop)
+        return run_sft(recipe, stage, base_path, tokenizer, stage_dir, resume, stop, prepared)
     from finetune.stages.dpo import run_dpo
 
-    return run_dpo(recipe, stage, base_path, tokenizer, stage_dir, previous_adapter, resume, stop)
+    return run_dpo(recipe, stage, base_path, tokenizer, stage_dir, previous_adapter, resume, stop, prepared)
 
 
 def export(recipe: Recipe) -> Path:

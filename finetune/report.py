@@ -9,6 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 from finetune.plots import STAGE_COLORS, drift_heatmap, load_heatmap, new_figure, save
-from finetune.telemetry import read_routing, stage_load
+from finetune.telemetry import stage_load
 
 STAGES = ("sft", "dpo")
 NOT_PLOTTED = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
@@ -44,11 +48,11 @@ class StageLogs:
     final_eval: dict = field(default_factory=dict)
 
     @classmethod
-    def read(cls, stage_dir: Path) -> StageLogs:
+    def read(cls, stage_dir: Path, log: Callable[[str], None] = print) -> StageLogs:
         logs = cls(stage_dir.name)
         train: dict[str, dict[int, float]] = {}
         evals: dict[str, dict[int, float]] = {}
-        for record in _jsonl(stage_dir / "metrics.jsonl"):
+        for record in _jsonl(stage_dir / "metrics.jsonl", log):
             for key, value in record.items():
                 if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, int | float):
                     continue
@@ -56,18 +60,46 @@ class StageLogs:
                 target.setdefault(key.removeprefix("eval_"), {})[record["step"]] = value
         logs.train = {k: _series(v) for k, v in train.items()}
         logs.eval = {k: _series(v) for k, v in evals.items()}
-        logs.routing = read_routing(stage_dir)
+        logs.routing = _jsonl(stage_dir / "routing.jsonl", log)
         if (stage_dir / "routing_drift.json").is_file():
-            logs.drift = json.loads((stage_dir / "routing_drift.json").read_text(encoding="utf-8"))
+            logs.drift = _json(stage_dir / "routing_drift.json")
         if (stage_dir / "manifest.json").is_file():
-            logs.final_eval = json.loads((stage_dir / "manifest.json").read_text(encoding="utf-8")).get("final_eval", {})
+            logs.final_eval = _json(stage_dir / "manifest.json").get("final_eval", {})
         return logs
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path, log: Callable[[str], None]) -> list[dict]:
+    """The records of a JSON-lines log. A last line cut short, what a run killed mid-write leaves, is skipped
+    with a note: a killed run is worth a report. A bad line anywhere else is an error."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):  # each record is written with its newline
+                log(f"{path}:{number}: skipped the last line, cut short (the run was stopped while writing it)")
+                continue
+            raise FinetuneError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise FinetuneError(f"{path}:{number}: not a logged record (a JSON object with an integer \"step\")")
+        records.append(record)
+    return records
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{path}: not a JSON object")
+    return data
 
 
 def _series(points: dict[int, float]) -> tuple[list[int], list[float]]:
@@ -75,15 +107,35 @@ def _series(points: dict[int, float]) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Draw every figure the run's logs allow into out_dir (default RUN/report); returns the HTML page."""
     run_dir = Path(run_dir)
-    stages = [StageLogs.read(run_dir / s) for s in STAGES if (run_dir / s / "metrics.jsonl").is_file()]
+    stages = [StageLogs.read(run_dir / s, log) for s in STAGES if (run_dir / s / "metrics.jsonl").is_file()]
     if not stages:
         raise FinetuneError(f"{run_dir}: no stage logs (sft/metrics.jsonl, dpo/metrics.jsonl): not a run folder, "
                             "or no stage has logged yet")
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FinetuneError(f"{out_dir}: exists and is not a folder; the report is a folder "
+                            "(index.html and its figures)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"{out_dir}: cannot make the report folder ({e.strerror})") from None
+    # drawn aside and moved in only when whole: a report that fails midway leaves the previous one as it was
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        figures = draw_figures(stages, staging)
+        (staging / "index.html").write_text(render_html(run_dir, stages, figures), encoding="utf-8")
+        for figure in figures:
+            os.replace(figure.path, out_dir / figure.path.name)
+        os.replace(staging / "index.html", out_dir / "index.html")  # last: the page appears once it is whole
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "index.html"
+
+
+def draw_figures(stages: list[StageLogs], out_dir: Path) -> list[Figure]:
     figures = [f for f in (
         per_stage_figure(stages, "loss", "Loss", out_dir / "loss.png", "training loss (lines) and evaluation loss "
                          "(dots) of each stage; DPO's loss is the preference loss, log 2 = 0.69 at the start"),
@@ -97,9 +149,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     ) if f is not None]
     for stage in stages:
         figures += expert_load_figures(stage, out_dir)
-    page = out_dir / "index.html"
-    page.write_text(render_html(run_dir, stages, figures), encoding="utf-8")
-    return page
+    return figures
 
 
 def _plot_series(ax, series: tuple[list[int], list[float]], label: str, color=None, eval_points=False) -> None:

@@ -171,8 +171,20 @@ class RouterTelemetry(TrainerCallback):
 
 def _keep_records_up_to(path: Path, step: int) -> None:
     if path.is_file():
+        drop_torn_last_line(path)
         kept = [line for line in read_lines(path) if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def drop_torn_last_line(path: Path) -> None:
+    """A kill while a record was being appended leaves a last line without its newline: cut it, so that records
+    appended on resume start on a line of their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_lines(path: Path) -> list[str]:

@@ -98,6 +98,25 @@ def test_contradicting_shapes_are_refused(capsys):
     assert "--tiny and --full-shape contradict each other" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seqs", "0"], "argument --seqs: must be 2 or more (a step predicts each next token), got 0"),
+    (["--seqs", "64,1"], "argument --seqs: must be 2 or more"),
+    (["--seqs", "64,"], "argument --seqs: not a whole number: ''"),
+    (["--check-seq", "-5"], "argument --check-seq: must be 2 or more"),
+    (["--layers", "0"], "argument --layers: must be 1 or more, got 0"),
+    (["--naive-steps", "0"], "argument --naive-steps: must be 1 or more, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+    (["--steps", "x"], "argument --steps: not a whole number: 'x'"),
+    (["--chunks", "0"], "argument --chunks: must be 1 or more, got 0"),
+])
+def test_numbers_that_make_no_sense_are_refused_before_any_model_is_built(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--tiny", "--cpu", *argv])  # as typed: no model is built, the parser stops first
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_stepping_in_the_backward_through_the_checkpointed_grouped_model_is_the_same_update():
     def stepped(in_backward: bool):
         model = bench.build_model(tiny=True, device="cpu")

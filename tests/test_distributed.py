@@ -186,10 +186,11 @@ def test_router_statistics_count_every_process_tokens(runs, launch):
 
 
 @pytest.mark.slow
-# the sharded launches, whose checkpoints differ from one process's (suite time): data parallel resumes FSDP's
-# checkpoint in test_a_checkpoint_resumes_under_the_other_launch, and its own checkpoints are one process's
-# format with an RNG state per process
-@pytest.mark.parametrize("launch", ["fsdp", "zero3"])
+# ZeRO-3, whose checkpoints are DeepSpeed's own (suite time): FSDP's hold what data parallel's hold
+# (test_fsdp_checkpoints_hold_what_data_parallel_checkpoints_hold), FSDP resumes data parallel's in
+# test_a_checkpoint_resumes_under_the_other_launch, and data parallel's are one process's format with an RNG
+# state per process
+@pytest.mark.parametrize("launch", ["zero3"])
 def test_resume_under_two_processes_after_a_kill(runs, launch):
     """SIGKILL every process of a two-process run once SFT's step 3 is done (checkpoint-2 is complete, step 4 not
     saved), resume it with two processes (SFT from its checkpoint, then DPO from the start, under --resume): the final
@@ -219,20 +220,37 @@ def test_resume_under_two_processes_after_a_kill(runs, launch):
 
 
 @pytest.mark.slow
-# FSDP's checkpoint in data parallel: that establishes one format, and FSDP reading it back is
-# test_resume_under_two_processes_after_a_kill[fsdp]; the other direction ran here until suite time ran short
-@pytest.mark.parametrize("saved_by, resumed_by", [("fsdp", "two")])
+def test_fsdp_checkpoints_hold_what_data_parallel_checkpoints_hold(runs):
+    """FSDP gathers what it saves: each stage's checkpoint-2 has data parallel's files, the same whole adapters
+    and the optimizer state keyed as torch keys it, to float summation order (measured: equal). So FSDP reading
+    data parallel's checkpoint (test_a_checkpoint_resumes_under_the_other_launch) is FSDP reading its own."""
+    for stage in ("sft", "dpo"):
+        ddp, fsdp = (runs[launch] / stage / "checkpoints" / "checkpoint-2" for launch in ("two", "fsdp"))
+        assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in ddp.iterdir())
+        names = ["adapter_model.safetensors"] + (["ref/adapter_model.safetensors"] if stage == "dpo" else [])
+        for name in names:  # DPO's frozen reference adapter is saved whole too
+            a, b = load_file(ddp / name), load_file(fsdp / name)
+            assert a.keys() == b.keys() and all(t.abs().sum() > 0 for t in b.values())
+            assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+        a, b = (torch.load(folder / "optimizer.pt", weights_only=False) for folder in (ddp, fsdp))
+        assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+        for key, state in a["state"].items():
+            assert state.keys() == b["state"][key].keys()
+            for name, t in state.items():
+                u = b["state"][key][name]
+                assert t.shape == u.shape and torch.allclose(t.float(), u.float(), rtol=1e-4, atol=1e-9), (key, name)
+
+
+@pytest.mark.slow
+# data parallel's checkpoint under FSDP (FSDP's own hold the same: the test above); the other direction ran here
+# until suite time ran short
+@pytest.mark.parametrize("saved_by, resumed_by", [("two", "fsdp")])
 def test_a_checkpoint_resumes_under_the_other_launch(runs, saved_by, resumed_by):
-    """A sharded run's checkpoint holds what a data-parallel run's holds (whole adapters, the optimizer state keyed
-    as torch keys it), so SFT's checkpoint-2 of one launch continues under the other, and the run ends with the
-    other launch's adapters, within float summation order (measured: equal)."""
+    """SFT's checkpoint-2 of one launch continues under the other, and the run ends with the other launch's
+    adapters, within float summation order (measured: equal)."""
     out = runs["root"] / f"{saved_by}-then-{resumed_by}"
     checkpoint = runs[saved_by] / "sft" / "checkpoints" / "checkpoint-2"
     shutil.copytree(checkpoint, out / "sft" / "checkpoints" / "checkpoint-2")
-    if saved_by == "fsdp":  # the frozen DPO reference adapter is saved whole too, as an unsharded run saves it
-        folder = runs[saved_by] / "dpo" / "checkpoints" / "checkpoint-2"
-        ref, trained = load_file(folder / "ref" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
-        assert ref.keys() == trained.keys() and all(t.abs().sum() > 0 for t in ref.values())
     resumed = launch_recipe(runs["recipe"], out, runs["cache"], "--resume", launch=resumed_by)
     output = resumed.stdout + resumed.stderr
     assert output.count(f"[resume] continuing from {out / 'sft' / 'checkpoints' / 'checkpoint-2'}") == 2

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 import sys
 
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from finetune import model as models
 from finetune.cli import main
-from finetune.export import ExportError, RunFiles, _prompts, export_adapter, export_merged, verify_export
+from finetune.export import (ExportError, RunFiles, _prompts, check_out_dir, export_adapter, export_merged,
+                             verify_export)
 from finetune.recipe.schema import LoraSpec, ModelSpec
 
 
@@ -132,3 +134,91 @@ def test_export_and_chat_from_the_command_line(run, tmp_path, capsys, monkeypatc
     assert main(["chat", str(out), "--max-new-tokens", "8"]) == 0
     stdout = capsys.readouterr().out
     assert stdout.count("assistant> ") == 2 and stdout.count("you> ") == 4
+
+
+def folder_state(folder) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_an_out_that_would_delete_the_run_or_a_users_files(run, tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    (tmp_path / "staged.partial").mkdir()
+    (tmp_path / "staged.partial" / "notes.txt").write_text("mine too")
+    (tmp_path / "a-file").write_text("not a folder")
+    before, user_files = folder_state(run.run_dir), folder_state(tmp_path)
+    for out, why in [(run.run_dir, "is the run folder"), (run.run_dir / "sft", "inside the run folder"),
+                     (run.run_dir / "sft" / "adapter", "inside the run folder"),
+                     (run.run_dir.parent, "holds the run folder"), (precious, "not an earlier export \\(notes.txt\\)"),
+                     (tmp_path / "staged", "staged.partial holds files that are not an earlier export"),
+                     (tmp_path / "a-file", "is a file"), (tmp_path / "..", "by its name, not as . or ..")]:
+        for mode in ([], ["--adapter-only"]):
+            assert main(["export", str(run.run_dir), "--out", str(out), "--dtype", "float32", *mode]) == 2
+            stderr = capsys.readouterr().err
+            assert stderr.startswith(f"error: export folder {out}") and re.search(why, stderr), stderr
+    assert folder_state(run.run_dir) == before and folder_state(tmp_path) == user_files
+    # what may be replaced: a new or empty folder, and an earlier export (this tool's marker, or the model card
+    # that exports wrote before the marker)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "README.md").write_text("# Fine-tune of tiny-mixtral\n")
+    for out in ("new", "empty", "earlier"):
+        check_out_dir(run.run_dir, tmp_path / out)
+    check_out_dir(run.run_dir, run.run_dir / "export")
+
+
+def test_a_moved_or_copied_run_reads_its_own_files(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "export*"))
+    files = RunFiles.read(copy)  # the original still exists: its files must not be used
+    assert [files.base_model, files.adapter, files.tokenizer] == [copy / "base-model", copy / "sft" / "adapter",
+                                                                  copy / "tokenizer"]
+    # moved: run.json as the run wrote it where it no longer is
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    record = (moved / "run.json").read_text()
+    (moved / "run.json").write_text(record.replace(str(run.run_dir.resolve()), str(tmp_path / "gone")))
+    assert RunFiles.read(moved).adapter == moved / "sft" / "adapter"
+    assert main(["generate", str(moved), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    (moved / "sft" / "adapter" / "adapter_model.safetensors").unlink()
+    for command in (["export", str(moved)], ["generate", str(moved), "--prompt", "Hi"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f"error: {moved / 'sft' / 'adapter' / 'adapter_model.safetensors'}: "
+                                           f"missing (the run's final adapter, as {moved / 'run.json'} records it)\n")
+
+
+def test_a_broken_run_record_is_a_clear_error(tmp_path, capsys):
+    for text, why in [('{"recipe": ', "not the JSON a run writes \\(Expecting value: line 1"),
+                      ("{}", "lacks recipe, base_model, tokenizer, final_adapter"), ("[]", "lacks recipe")]:
+        (tmp_path / "run.json").write_text(text)
+        for command in (["export", str(tmp_path)], ["generate", str(tmp_path), "--prompt", "Hi"]):
+            assert main(command) == 2
+            assert re.fullmatch(f"error: {re.escape(str(tmp_path / 'run.json'))}: {why}.*\n", capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+@pytest.mark.parametrize("command, why", [
+    (["export", "RUN", "--max-shard-size", "abc"], "--max-shard-size: 'abc': expected a size such as 5GB"),
+    (["export", "RUN", "--tolerance", "-1"], "--tolerance: '-1': expected a finite number > 0"),
+    (["export", "RUN", "--tolerance", "0"], "--tolerance: '0': expected a finite number > 0"),
+    (["generate", "RUN", "--prompt", "Hi", "--max-new-tokens", "-5"], "--max-new-tokens: -5 is below 1"),
+    (["generate", "RUN", "--prompt", " "], "--prompt: empty"),
+    (["chat", "RUN", "--temperature", "-1"], "--temperature: -1: must be 0 \\(greedy\\) or a positive number"),
+    (["data", "RECIPE", "--examples", "-1"], "--examples: -1 is below 0"),
+])
+def test_bad_options_are_refused_when_parsing(command, why, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(command)
+    assert exit.value.code == 2 and re.search(f"error: argument {why}", capsys.readouterr().err)
+
+
+def test_bad_export_settings_are_refused_before_any_work(run, tmp_path):
+    for settings, why in [({"tolerance": 0.0}, "tolerance 0.0: must be a finite number > 0"),
+                          ({"tolerance": -1.0}, "tolerance -1.0"), ({"max_shard_size": "abc"}, "max shard size 'abc'")]:
+        with pytest.raises(ExportError, match=re.escape(why)):
+            export_merged(run, tmp_path / "export", dtype="float32", **settings)
+    with pytest.raises(ExportError, match="tolerance 0.0"):
+        export_adapter(run, tmp_path / "export", tolerance=0.0)
+    assert not list(tmp_path.iterdir())

@@ -7,6 +7,10 @@ routing_drift.json, manifest.json), so the report is checked without training an
 import base64
 import json
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +105,64 @@ def test_the_command_line_lists_the_figures_and_refuses_a_folder_without_logs(ru
     assert {Path(line.strip()).name for line in out.splitlines()[1:]} == FIGURES
     with pytest.raises(FinetuneError, match="no stage logs"):
         write_report(tmp_path / "empty")
+
+
+@pytest.fixture
+def own_run(run_dir, tmp_path) -> Path:
+    """A copy of the run to spoil."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+
+
+def test_a_last_line_cut_short_by_a_killed_run_is_skipped_and_said(own_run, tmp_path, capsys):
+    for log in (own_run / "sft" / "metrics.jsonl", own_run / "dpo" / "routing.jsonl"):
+        with log.open("a") as f:
+            f.write('{"step": 7, "lo')  # SIGKILL in the middle of a write: no newline
+    assert main(["report", str(own_run), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert f"{own_run / 'sft' / 'metrics.jsonl'}:11: skipped the last line, cut short" in out
+    assert f"{own_run / 'dpo' / 'routing.jsonl'}:5: skipped the last line, cut short" in out
+    assert {p.name for p in (tmp_path / "r").glob("*.png")} == FIGURES
+
+
+@pytest.mark.parametrize("stage, name, text, where", [
+    ("sft", "metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n',
+     "metrics.jsonl:2: not valid JSON"),
+    ("dpo", "routing.jsonl", '{"step": 1, "lo\n', "routing.jsonl:1: not valid JSON"),  # it has its newline
+    ("sft", "metrics.jsonl", '{"step": 1, "loss": 2.0}\n[1, 2]\n', 'metrics.jsonl:2: not a logged record'),
+    ("dpo", "routing_drift.json", '{"tokens": 1,\n "load_base": [}', "routing_drift.json:2: not valid JSON"),
+    ("sft", "manifest.json", "", "manifest.json:1: not valid JSON"),
+])
+def test_a_bad_line_elsewhere_is_an_error_naming_file_and_line(own_run, tmp_path, capsys, stage, name, text, where):
+    (own_run / stage / name).write_text(text)
+    assert main(["report", str(own_run), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {own_run / stage}/{where}") and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # the logs are read before anything is written
+
+
+def test_an_existing_file_as_the_out_folder_is_refused_and_kept(run_dir, tmp_path, capsys):
+    out = tmp_path / "file.txt"
+    out.write_text("keep me")
+    assert main(["report", str(run_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: exists and is not a folder; the report is a folder " \
+                                      "(index.html and its figures)\n"
+    assert out.read_text() == "keep me"
+
+
+def test_a_report_killed_midway_leaves_the_previous_one_whole(own_run, tmp_path):
+    out = tmp_path / "r"
+    write_report(own_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_jsonl(own_run / "sft" / "metrics.jsonl", [{"step": s, "loss": 1.0 + s} for s in range(1, 9)])
+    started = time.time_ns()
+    child = subprocess.Popen([sys.executable, "-m", "finetune", "report", str(own_run), "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # killed as soon as the first new figure is being written, long before the page
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_mtime_ns >= started for p in out.rglob("*.png")):
+            assert child.poll() is None and time.monotonic() < deadline, "the report never started a figure"
+            time.sleep(0.005)
+    finally:
+        child.kill()
+        child.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".report-")} == before

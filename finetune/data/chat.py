@@ -17,10 +17,12 @@ ROLES = ("system", "user", "assistant")
 
 
 class ConversationError(ValueError):
-    """A conversation Mixtral-Instruct cannot encode; `reason` is a short category for counting dropped rows."""
+    """A conversation Mixtral-Instruct cannot encode; `reason` is a short category for counting dropped rows, and
+    `index` the message at fault when the message alone is wrong (its type, keys, role or content)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, index: int | None = None):
         self.reason = reason
+        self.index = index
         super().__init__(message)
 
 
@@ -137,27 +139,30 @@ def _check_conversation(
 def _check_message(index: int, message: object) -> tuple[str, str]:
     if not isinstance(message, dict):
         raise ConversationError(
-            "wrong_type", f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}"
+            "wrong_type", f"message {index}: expected a dict with 'role' and 'content', got {type(message).__name__}",
+            index,
         )
     missing = [key for key in ("role", "content") if message.get(key) is None]  # datasets fill absent keys with None
     if missing:
-        raise ConversationError("missing_field", f"message {index}: missing key {' and '.join(map(repr, missing))}")
+        raise ConversationError("missing_field", f"message {index}: missing key {' and '.join(map(repr, missing))}",
+                                index)
     # Datasets give every message the union of all keys, with None where absent: only set values are unexpected.
     unexpected = sorted(key for key, value in message.items() if key not in ("role", "content") and value is not None)
     if unexpected:
         raise ConversationError(
             "unexpected_field",
-            f"message {index}: unexpected keys {unexpected}; a message has only 'role' and 'content'",
+            f"message {index}: unexpected keys {unexpected}; a message has only 'role' and 'content'", index,
         )
     role, content = message["role"], message["content"]
     if role not in ROLES:
         raise ConversationError(
-            "unknown_role", f"message {index}: unknown role {role!r}; expected one of {', '.join(ROLES)}"
+            "unknown_role", f"message {index}: unknown role {role!r}; expected one of {', '.join(ROLES)}", index
         )
     if not isinstance(content, str):
         raise ConversationError(
-            "wrong_type", f"message {index} ({role}): content must be a string, got {type(content).__name__}"
+            "wrong_type", f"message {index} ({role}): content must be a string, got {type(content).__name__}", index
         )
     if not content.strip():
-        raise ConversationError("empty_message", f"message {index} ({role}): content is empty or only whitespace")
+        raise ConversationError("empty_message", f"message {index} ({role}): content is empty or only whitespace",
+                                index)
     return role, content

@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING
 
 from finetune.data.chat import ConversationError, tokenize_conversations
-from finetune.data.formats import BadRow, preference_messages, sft_messages
+from finetune.data.formats import TOO_NESTED, BadRow, preference_messages, sft_messages
 from finetune.data.sources import ERROR_COLUMN, JSON_COLUMN, ROW_COLUMN
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ def sft_examples(batch: dict[str, list], *, row_format: str, columns: dict, toke
             conversations.append((index, sft_messages(raw_row(row), row_format, columns)))
         except BadRow as e:
             out[index] = _rejected(row, e.reason, str(e), sft=True)
+        except RecursionError:  # a value nested just under the JSON reader's limit, compared or printed deeper
+            out[index] = _rejected(row, "too_nested", TOO_NESTED, sft=True)
     encoded = tokenize_conversations([m for _, m in conversations], tokenizer, train_on_prompt=train_on_prompt)
     for (index, _), example in zip(conversations, encoded):
         out[index] = _sft_example(rows[index], example, max_seq_len, on_too_long)
@@ -89,18 +91,27 @@ def preference_examples(batch: dict[str, list], *, columns: dict, tokenizer, max
             pairs.append((index, preference_messages(raw_row(row), columns)))
         except BadRow as e:
             out[index] = _rejected(row, e.reason, str(e), sft=False)
+        except RecursionError:
+            out[index] = _rejected(row, "too_nested", TOO_NESTED, sft=False)
     encoded = tokenize_conversations([prompt + reply for _, (prompt, *replies) in pairs for reply in replies],
                                      tokenizer)
     for number, (index, messages) in enumerate(pairs):
-        out[index] = _preference_example(rows[index], messages, encoded[2 * number:2 * number + 2], max_seq_len,
-                                         on_too_long)
+        out[index] = _preference_example(rows[index], messages, encoded[2 * number:2 * number + 2], columns,
+                                         max_seq_len, on_too_long)
     return _columns(out)
 
 
-def _preference_example(row: dict, messages: tuple, encoded: list, max_seq_len: int, on_too_long: str) -> dict:
-    problem = next((e for e in encoded if isinstance(e, ConversationError)), None)
+def _preference_example(row: dict, messages: tuple, encoded: list, columns: dict, max_seq_len: int,
+                        on_too_long: str) -> dict:
+    problem = next(((side, e) for side, e in zip(("chosen", "rejected"), encoded)
+                    if isinstance(e, ConversationError)), None)
     if problem is not None:
-        return _rejected(row, problem.reason, str(problem), sft=False)
+        side, error = problem
+        # Each reply is checked after the prompt: name the field whose own message is wrong.
+        if error.index is not None:
+            field = side if error.index >= len(messages[0]) else "prompt"
+            return _rejected(row, error.reason, f"'{columns.get(field, field)}': {error}", sft=False)
+        return _rejected(row, error.reason, str(error), sft=False)
     lengths = [len(e["input_ids"]) for e in encoded]
     # the reply is the last run of trained tokens; the prompt is everything before it
     prompt_length = lengths[0] - _trailing_ones(encoded[0]["completion_mask"])
@@ -130,6 +141,8 @@ def raw_row(row: dict) -> dict:
         value = json.loads(row[JSON_COLUMN])
     except json.JSONDecodeError as e:
         raise BadRow("invalid_json", f"not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise BadRow("too_nested", TOO_NESTED) from None
     if not isinstance(value, dict):
         raise BadRow("not_an_object", f"a row must be a JSON object, got {type(value).__name__}")
     return value

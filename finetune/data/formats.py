@@ -16,6 +16,7 @@ from finetune.recipe.schema import FORMAT_FIELDS
 REASONS = {
     "invalid_utf8": "not valid UTF-8",
     "invalid_json": "not valid JSON",
+    "too_nested": "nested too deeply to read",
     "not_an_object": "not an object with named fields",
     "missing_field": "a required field is missing",
     "wrong_type": "a field has the wrong type",
@@ -27,6 +28,7 @@ REASONS = {
     "no_trainable_tokens": "no token left to train on",
     "too_long": "longer than max_seq_len",
 }
+TOO_NESTED = "nested too deeply to read (JSON more than about 1000 levels deep)"
 
 
 class BadRow(ValueError):
@@ -133,6 +135,8 @@ def _json_messages(text: str) -> list | None:
         value = json.loads(text)
     except json.JSONDecodeError:
         return None
+    except RecursionError:
+        raise BadRow("too_nested", f"a list of messages written as JSON text is {TOO_NESTED}") from None
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
         return value
     return None

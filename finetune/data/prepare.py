@@ -71,7 +71,8 @@ def prepare(recipe: Recipe, tokenizer, stage: str) -> Prepared:
     if getattr(spec, stage) is None:
         raise DataError(f"the recipe has no data.{stage} section")
     started = time.perf_counter()
-    opened = [open_source(source) for source in getattr(spec, stage).sources]
+    opened = [open_source(source, f"data.{stage}.sources.{index}")
+              for index, source in enumerate(getattr(spec, stage).sources)]
     key = cache.data_key(_key_parts(recipe, tokenizer, stage, opened))
     entry = cache.load(key) if spec.cache else None
     if entry is not None:
@@ -191,12 +192,10 @@ def _row_format(stage: str, table: SourceRows) -> str:
 def _fail_on_problems(recipe: Recipe, stage: str, tables: list[SourceRows], examples: list[Dataset]) -> None:
     """Stop, naming file, row and reason, on what the recipe says must not be dropped: every problem at once."""
     spec = recipe.data
-    problems: list[str] = []
+    empty = [f"{t.source.name}: {t.empty_reason()}" for t in tables if len(t.rows) == 0 and spec.on_bad_row == "fail"]
+    problems: list[str] = list(empty)
     counts: Counter = Counter()
     for table, rows in zip(tables, examples):
-        if len(table.rows) == 0 and spec.on_bad_row == "fail":
-            problems.append(f"{table.source.name}: empty file: it holds no rows")
-            counts["empty_file"] += 1
         if not len(rows):
             continue
         for row, reason, detail in zip(column(rows, "row"), column(rows, "reason"), column(rows, "detail")):
@@ -208,13 +207,15 @@ def _fail_on_problems(recipe: Recipe, stage: str, tables: list[SourceRows], exam
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems)
         total = sum(counts.values())
-        more = f"\n  ... and {total - len(problems)} more" if total > len(problems) else ""
-        by_reason = ", ".join(f"{n} {r}" for r, n in counts.most_common())
-        raise DataError(
-            f"data.{stage}: {total} row(s) cannot be used ({by_reason}):\n{shown}{more}\n"
-            "Fix the rows, or set data.on_bad_row: drop (and data.on_too_long: drop or truncate) to skip them; "
-            "skipped rows are counted by reason."
-        )
+        more = f"\n  ... and {total + len(empty) - len(problems)} more" if total + len(empty) > len(problems) else ""
+        found, hint = [], "Fix the source or its split, or set data.on_bad_row: drop to go on without it."
+        if total:
+            found.append(f"{total} row(s) cannot be used ({', '.join(f'{n} {r}' for r, n in counts.most_common())})")
+            hint = ("Fix the rows, or set data.on_bad_row: drop (and data.on_too_long: drop or truncate) to skip them; "
+                    "skipped rows are counted by reason.")
+        if empty:
+            found.append(f"{len(empty)} source(s) give no rows")
+        raise DataError(f"data.{stage}: {' and '.join(found)}:\n{shown}{more}\n{hint}")
 
 
 def _source_stats(table: SourceRows, row_format: str, rows: Dataset, reasons: list[str], held: int,
@@ -227,7 +228,7 @@ def _source_stats(table: SourceRows, row_format: str, rows: Dataset, reasons: li
         "rows": len(reasons), "kept": usable,
         "dropped": {r: dropped[r] for r in REASONS if r in dropped},
         "truncated": sum(column(rows, "truncated")),
-        "eval": held, "train": drawn, "empty": len(reasons) == 0,
+        "eval": held, "train": drawn, "empty": table.empty_reason() if not reasons else False,
         "first_dropped": (f"{table.locate(rows[first]['row'])}: {reasons[first]}: {rows[first]['detail']}"
                           if first is not None else None),
     }

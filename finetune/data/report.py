@@ -24,8 +24,9 @@ def summary(stats: dict) -> str:
         row_format = s["format"] + (" (auto)" if s.get("detected") else "")
         lines.append(f"  {s['name']:<{width}}  {row_format:<17} {s['rows']:>8,} {s['kept']:>8,} "
                      f"{sum(s['dropped'].values()):>8,} {s['truncated']:>9,} {s['eval']:>6,} {s['train']:>8,}")
-        if s.get("empty"):
-            lines.append(f"    {s['name']} is empty: it holds no rows")
+        if s.get("empty"):  # why it gives no rows (True in stats cached before the reason was kept)
+            why = s["empty"] if isinstance(s["empty"], str) else "it holds no rows"
+            lines.append(f"    {s['name']} gives no rows: {why}")
     dropped = stats.get("dropped")
     if dropped is not None:
         text = ", ".join(f"{n:,} {r} ({REASONS.get(r, r)})" for r, n in dropped.items()) or "none"

@@ -6,15 +6,18 @@ tokenizing step can fail on it or count it, and every row keeps its number in th
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune.data.formats import TOO_NESTED
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import SPLIT, DataSource
 
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 
 JSON_COLUMN, ROW_COLUMN, ERROR_COLUMN = "_json", "_row", "_error"
 DETECT_ROWS = 200  # rows of a JSON source read to tell its format
+# A JSON string or one of the characters that give a JSON text its structure.
+JSON_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')
 
 
 class DataError(FinetuneError, ValueError):
@@ -38,9 +43,19 @@ class SourceRows:
     rows: Dataset
     unit: str  # "line" for line-numbered files (JSON Lines, CSV), "row" otherwise
     keys: list[str]  # the fields seen, to tell the format from
+    total: int | None = None  # the rows before the split's slice, when known
 
     def locate(self, number: int) -> str:
         return locate(self.source.name, self.unit, number)
+
+    def empty_reason(self) -> str:
+        """Why the source gives no rows: its split's slice, or nothing there."""
+        split = self.source.split
+        if self.total:
+            return f"split '{split}' selects 0 of its {self.total} rows"
+        if self.source.path is not None:
+            return "empty file: it holds no rows"
+        return f"split '{split}' selects no rows" if "[" in split else "it holds no rows"  # datasets sliced it
 
 
 def locate(name: str, unit: str, number: int) -> str:
@@ -53,20 +68,28 @@ class OpenedSource:
 
     source: DataSource
     fingerprint: str
+    key: str  # the source's dotted key in the recipe, e.g. data.sft.sources.0
     hub_rows: Dataset | None = None
 
 
-def open_source(source: DataSource) -> OpenedSource:
+def open_source(source: DataSource, key: str) -> OpenedSource:
     if source.hub is not None:
         import datasets
 
-        rows = datasets.load_dataset(source.hub, source.subset, split=source.split)
-        return OpenedSource(source, f"{source.name}@{rows._fingerprint}", rows)
+        try:
+            rows = datasets.load_dataset(source.hub, source.subset, split=source.split)
+        except (OSError, ValueError) as e:  # not found, not reachable (offline), no such subset or split
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{key}.hub: cannot load {source.name}: {reason}") from None
+        return OpenedSource(source, f"{source.name}@{rows._fingerprint}", key, rows)
     h = hashlib.sha256()
-    with open(source.path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return OpenedSource(source, h.hexdigest())
+    try:
+        with open(source.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:  # removed or unreadable since the recipe was checked
+        raise DataError(f"{key}.path: cannot read {source.path}: {e.strerror or e}") from None
+    return OpenedSource(source, h.hexdigest(), key)
 
 
 def read_source(opened: OpenedSource) -> SourceRows:
@@ -78,10 +101,8 @@ def read_source(opened: OpenedSource) -> SourceRows:
     if hashlib.sha256(data).hexdigest() != opened.fingerprint:  # the cache key must describe what was read
         raise DataError(f"{path}: the file changed while it was being read; run again")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        from datasets import Dataset
-
-        return _from_table(source, Dataset(pq.read_table(io.BytesIO(data))), unit="row", slice_split=True)
+        return _from_table(source, _parquet_rows(data, path, opened.key), unit="row", slice_split=True)
+    data = data.removeprefix(codecs.BOM_UTF8)  # as Excel and some Windows editors start UTF-8 text
     if path.suffix == ".jsonl":
         return _from_json_rows(source, _jsonl_rows(data), unit="line")
     if path.suffix == ".json":
@@ -89,26 +110,42 @@ def read_source(opened: OpenedSource) -> SourceRows:
     return _from_json_rows(source, _csv_rows(data), unit="line")
 
 
+def _parquet_rows(data: bytes, path: Path, key: str) -> Dataset:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    try:
+        return Dataset(pq.read_table(io.BytesIO(data)))
+    except pa.ArrowException as e:
+        reason = str(e).removeprefix("Could not open Parquet input source '<Buffer>': ")
+        raise DataError(f"{key}.path: {path} cannot be read as Parquet (truncated, or not a Parquet file): "
+                        f"{reason}") from None
+
+
 def _from_table(source: DataSource, table: Dataset, unit: str, slice_split: bool = False) -> SourceRows:
     numbers = list(range(1, len(table) + 1))
+    total = len(numbers) if slice_split else None
     if slice_split:
         numbers = _slice(numbers, source.split)
         table = table.select([n - 1 for n in numbers])
     table = table.add_column(ROW_COLUMN, numbers).add_column(ERROR_COLUMN, [""] * len(numbers))
-    return SourceRows(source, table, unit, [c for c in table.column_names if c not in (ROW_COLUMN, ERROR_COLUMN)])
+    keys = [c for c in table.column_names if c not in (ROW_COLUMN, ERROR_COLUMN)]
+    return SourceRows(source, table, unit, keys, total)
 
 
 def _from_json_rows(source: DataSource, rows: Iterator[tuple[int, str, str]], unit: str) -> SourceRows:
     """Rows as (number, JSON text, problem); the text is parsed again where the row is tokenized."""
     from datasets import Dataset
 
-    rows = _slice(list(rows), source.split)
+    every = list(rows)
+    rows = _slice(every, source.split)
     keys: dict[str, None] = {}
     for _, text, error in rows[:DETECT_ROWS]:
         if not error:
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # the row is judged (and reported) when tokenized
                 continue
             keys.update(dict.fromkeys(value) if isinstance(value, dict) else {})
     table = Dataset.from_dict({
@@ -116,7 +153,7 @@ def _from_json_rows(source: DataSource, rows: Iterator[tuple[int, str, str]], un
         ROW_COLUMN: [number for number, _, _ in rows],
         ERROR_COLUMN: [error for _, _, error in rows],
     })
-    return SourceRows(source, table, unit, list(keys))
+    return SourceRows(source, table, unit, list(keys), len(every))
 
 
 def _jsonl_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
@@ -131,19 +168,56 @@ def _jsonl_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
 
 def _json_array_rows(data: bytes, path: Path) -> Iterator[tuple[int, str, str]]:
     # Decoding with surrogateescape keeps a bad byte inside its row, so the row, not the file, is reported.
+    text = data.decode("utf-8", errors="surrogateescape")
     try:
-        value = json.loads(data.decode("utf-8", errors="surrogateescape"))
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); a .json file holds one "
-                        "list of rows (use .jsonl for one row per line)") from None
+        raise _invalid_json(path, e.lineno, e) from None
+    except RecursionError:  # a row nested too deeply to parse: read the rows one by one, so only it is lost
+        yield from _json_rows_one_by_one(text, path)
+        return
     if not isinstance(value, list):
         raise DataError(f"{path}: a .json file must hold a list of rows, it holds a {type(value).__name__}")
     for number, item in enumerate(value, start=1):
-        text = json.dumps(item, ensure_ascii=False)
-        if _has_bad_bytes(text):
-            yield number, "", "invalid_utf8: not valid UTF-8"
-        else:
-            yield number, text, ""
+        yield _json_item_row(number, item)
+
+
+def _json_rows_one_by_one(text: str, path: Path) -> Iterator[tuple[int, str, str]]:
+    """The rows of a .json list, cut apart by its structure (without recursion) and each parsed on its own."""
+    if not text.lstrip().startswith("["):
+        raise DataError(f"{path}: a .json file must hold a list of rows; this one is {TOO_NESTED}")
+    depth, start, number = 0, 0, 0
+    for match in JSON_STRUCTURE.finditer(text):
+        token = match.group()
+        if depth == 1 and token in (",", "]") and (number or token == "," or text[start:match.start()].strip()):
+            number += 1
+            piece = text[start:match.start()]
+            try:
+                yield _json_item_row(number, json.loads(piece))
+            except json.JSONDecodeError as e:
+                raise _invalid_json(path, text.count("\n", 0, start) + e.lineno, e) from None
+            except RecursionError:
+                yield number, "", f"too_nested: {TOO_NESTED}"
+            start = match.end()
+        if token in ("[", "{"):
+            depth += 1
+            start = match.end() if depth == 1 else start
+        elif token in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return
+
+
+def _invalid_json(path: Path, line: int, e: json.JSONDecodeError) -> DataError:
+    return DataError(f"{path}:{line}: not valid JSON ({e.msg}, column {e.colno}); a .json file holds one list of "
+                     "rows (use .jsonl for one row per line)")
+
+
+def _json_item_row(number: int, item) -> tuple[int, str, str]:
+    text = json.dumps(item, ensure_ascii=False)
+    if _has_bad_bytes(text):
+        return number, "", "invalid_utf8: not valid UTF-8"
+    return number, text, ""
 
 
 def _csv_rows(data: bytes) -> Iterator[tuple[int, str, str]]:

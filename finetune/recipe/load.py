@@ -40,19 +40,21 @@ class Override:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Parse, override and validate a recipe; raise RecipeError naming every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(str(path), [f"cannot read the recipe: {e}"]) from None
-    data, lines = _parse_yaml(text, path)
+    text = _read_text(path)
+    data, lines, problems = _parse_yaml(text, path)
     parsed = [_parse_override(o, str(path)) for o in overrides]
     for o in parsed:
         _apply(data, o, str(path))
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         origins = {o.path: o.text for o in parsed}
-        raise RecipeError(str(path), [_explain(err, path, lines, origins) for err in e.errors()]) from None
+        # a key YAML read as true/false/a number is already in problems, with its line
+        errors = [err for err in e.errors() if not (problems and err["type"] == "invalid_key")]
+        problems += [_explain(err, path, lines, origins) for err in errors]
+    if problems:
+        raise RecipeError(str(path), problems)
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -60,25 +62,85 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int]]:
+def _read_text(path: Path) -> str:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot read the recipe: {e}"]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError(str(path), [f"{path}:{line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {column} "
+                                      "(save the recipe as UTF-8)"]) from None
+
+
+def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[str]]:
+    """The recipe's data, the line of every key, and the problems YAML itself lets pass (repeated keys...)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        problems = _check_keys(node, (), path) if node is not None else []
+        lines: dict[KeyPath, int] = {}
+        if node is not None:
+            _record_lines(node, (), lines)  # before constructing, which flattens merge keys (<<) into the node
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(str(path), [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise RecipeError(str(path), [f"{path}:1: a recipe is a mapping of keys, got {type(data).__name__}"])
-    lines: dict[KeyPath, int] = {}
-    _record_lines(node, (), lines)
-    return data, lines
+    return data, lines, problems
+
+
+# how a key that YAML 1.1 does not read as a string was read
+KEY_TYPES = {"tag:yaml.org,2002:bool": "the boolean {value}", "tag:yaml.org,2002:null": "null",
+             "tag:yaml.org,2002:int": "a number", "tag:yaml.org,2002:float": "a number"}
+
+
+def _check_keys(node: yaml.Node, prefix: KeyPath, path: Path) -> list[str]:
+    """Keys given twice (YAML keeps the last silently) and keys that YAML reads as something other than a word."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if not isinstance(key, yaml.ScalarNode):
+                problems.append(f"{path}:{line}: {_dotted(prefix)}: a key must be a plain word, not a list or mapping")
+                continue
+            dotted = _dotted(prefix + (key.value,))
+            if key.tag == "tag:yaml.org,2002:merge":
+                pass  # '<<: *anchor' copies another mapping's keys in, which this mapping may then override
+            elif key.tag != "tag:yaml.org,2002:str":
+                read_as = KEY_TYPES.get(key.tag, key.tag).format(value=str(yaml.safe_load(key.value)).lower())
+                problems.append(f"{path}:{line}: {dotted}: YAML reads the key {key.value!r} as {read_as}, not a "
+                                f"word: quote it ('{key.value}':)")
+            elif key.value in seen:
+                problems.append(f"{path}:{line}: {dotted}: duplicate key (first on line {seen[key.value]}); "
+                                "YAML would keep only the last")
+            else:
+                seen[key.value] = line
+            problems += _check_keys(value, prefix + (key.value,), path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _check_keys(item, prefix + (i,), path)
+    return problems
+
+
+def _dotted(loc: KeyPath) -> str:
+    return ".".join(map(str, loc)) or "(top level)"
 
 
 def _record_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
     lines[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # reported by _check_keys
             _record_lines(value, prefix + (key.value,), lines)
             lines[prefix + (key.value,)] = key.start_mark.line + 1  # the key's line, not its value's
     elif isinstance(node, yaml.SequenceNode):
@@ -119,7 +181,7 @@ def _apply(data: dict, override: Override, source: str) -> None:
 
 def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[KeyPath, str]) -> str:
     loc = _data_loc(err["loc"])
-    dotted = ".".join(map(str, loc)) or "(top level)"
+    dotted = _dotted(loc)
     origin = next((f"override '{t}'" for p, t in overrides.items() if loc[: len(p)] == p), None)
     if origin is None:
         origin = f"{path}:{_nearest_line(loc, lines)}"
@@ -128,7 +190,21 @@ def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[K
         message = "unknown key" + _did_you_mean(loc)
     elif err["type"] == "missing":
         message = "required key is missing"
+    elif err["type"] in ("model_type", "model_attributes_type") and err["input"] is None:
+        message = _empty_section(loc)
+    elif err["type"] == "bool_type":
+        message = f"expected true or false, got {err['input']!r}"
+    elif err["type"] == "finite_number":
+        message = f"must be a finite number, got {err['input']}"
     return f"{origin}: {dotted}: {message}"
+
+
+def _empty_section(loc: KeyPath) -> str:
+    """A null where a section belongs: never read as the defaults, since `lora: null` means no LoRA."""
+    if loc and isinstance(loc[-1], int):
+        return "the item is empty: give its keys"
+    fix = "give its keys" if _required(loc) else "give its keys, or leave the key out for the defaults"
+    return f"the section is empty (YAML reads a key with nothing under it as null): {fix}"
 
 
 def _data_loc(loc: tuple) -> KeyPath:
@@ -151,8 +227,19 @@ def _did_you_mean(loc: KeyPath) -> str:
     return f" (did you mean '{close[0]}'?)" if close else (f"; allowed here: {', '.join(sorted(allowed))}" if allowed else "")
 
 
+def _required(loc: KeyPath) -> bool:
+    """Whether the schema requires the key at loc, so that leaving it out is no fix."""
+    name = loc[-1] if loc else None
+    return any(s.model_fields[name].is_required() for s in _sections(Recipe, loc[:-1]) if name in s.model_fields)
+
+
 def _allowed_keys(model: type[BaseModel], loc: KeyPath) -> list[str]:
     """The keys that the schema accepts at a location, following sections, lists and the stage union."""
+    return sorted({key for section in _sections(model, loc) for key in section.model_fields})
+
+
+def _sections(model: type[BaseModel], loc: KeyPath) -> list[type[BaseModel]]:
+    """The schema's sections that may sit at a location (several within the stage union)."""
     candidates: list[Any] = [model]
     for part in loc:
         nxt: list[Any] = []
@@ -163,12 +250,7 @@ def _allowed_keys(model: type[BaseModel], loc: KeyPath) -> list[str]:
                 elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
                     nxt.append(t.model_fields[part].annotation)
         candidates = nxt
-    keys: set[str] = set()
-    for c in candidates:
-        for t in _unwrap(c):
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                keys.update(t.model_fields)
-    return sorted(keys)
+    return [t for c in candidates for t in _unwrap(c) if isinstance(t, type) and issubclass(t, BaseModel)]
 
 
 def _unwrap(annotation: Any) -> list[Any]:

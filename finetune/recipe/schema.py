@@ -10,22 +10,37 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 TINY_MIXTRAL = "tiny-mixtral"
 MIXTRAL_TOKENIZER = "mixtral-v1"
+# what marks a model or tokenizer as a local folder rather than a hub id (org/name)
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 class Section(BaseModel):
-    """A recipe section: unknown keys are errors, never silently ignored."""
+    """A recipe section: unknown keys are errors, never silently ignored.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Numbers must be finite: YAML reads .inf and .nan as floats, and no setting means either.
+    Booleans (StrictBool) take only true/false, so a quoted "no" or "off" is an error, not a guess.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Quantization(Section):
     bits: Literal[4] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    double_quant: StrictBool = True
 
 
 class ModelSpec(Section):
@@ -40,13 +55,29 @@ class ModelSpec(Section):
     quantization: Quantization | None = Field(default_factory=Quantization)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _local_folder_exists(cls, value: str) -> str:
+        """A local-looking path that is missing would otherwise be tried as a hub id, after the run folder exists."""
+        if not value.startswith(LOCAL_PATH_PREFIXES) and value not in (".", ".."):
+            return value
+        folder = Path(value).expanduser()  # expanded here: the loaders take the path as it is
+        if not folder.is_dir():
+            what = "not a folder" if folder.exists() else "no such folder"
+            if value.startswith("~"):
+                what += f": {value} ({folder})"
+            else:
+                what += f": {value}" + ("" if folder.is_absolute() else f" (relative paths are read from {Path.cwd()})")
+            raise ValueError(what)
+        return str(folder) if value.startswith("~") else value
+
 
 class LoraSpec(Section):
     r: PositiveInt = 16
     alpha: PositiveInt = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    attention: bool = Field(True, description="LoRA on q_proj, k_proj, v_proj, o_proj.")
-    experts: bool = Field(True, description="LoRA on every expert's w1, w2, w3, separate A/B per expert.")
+    attention: StrictBool = Field(True, description="LoRA on q_proj, k_proj, v_proj, o_proj.")
+    experts: StrictBool = Field(True, description="LoRA on every expert's w1, w2, w3, separate A/B per expert.")
     router: Literal["frozen", "full"] = "frozen"
     experts_r: PositiveInt | None = Field(None, description="Rank for the expert adapters; defaults to r.")
     experts_alpha: PositiveInt | None = Field(None, description="Alpha for the expert adapters; defaults to alpha.")
@@ -168,7 +199,7 @@ class StageData(Section):
 
 
 class SFTData(StageData):
-    packing: bool = Field(
+    packing: StrictBool = Field(
         False, description="Pack several examples into each max_seq_len sequence (best-fit decreasing); positions "
         "and attention restart at every example."
     )
@@ -207,11 +238,11 @@ class DataSpec(Section):
         "message, invalid UTF-8 or JSON...): 'fail' stops naming file, row and reason; 'drop' skips it, counted by "
         "reason."
     )
-    train_on_prompt: bool = Field(False, description="SFT: put the loss on system and user tokens too.")
+    train_on_prompt: StrictBool = Field(False, description="SFT: put the loss on system and user tokens too.")
     num_proc: PositiveInt | None = Field(
         None, description="Processes that tokenize; null: one per 20,000 rows, up to the CPU cores available."
     )
-    cache: bool = Field(
+    cache: StrictBool = Field(
         True, description="Reuse preprocessed data from $FINETUNE_CACHE (default ~/.cache/finetune), keyed by this "
         "section, the seed, the tokenizer and the files' contents."
     )
@@ -236,8 +267,8 @@ class Training(Section):
                              "Mixtral-8x7B's LoRA at r 16); adamw_8bit: bitsandbytes' blockwise 8-bit AdamW (about "
                              "2 bytes per weight, 0.45 GiB), one process or DDP."
     )
-    gradient_checkpointing: bool = True
-    offload_activations: bool = Field(
+    gradient_checkpointing: StrictBool = True
+    offload_activations: StrictBool = Field(
         False, description="With gradient_checkpointing: each decoder layer's checkpointed input waits for the "
                            "backward in host memory (pinned, copied on a side stream): tokens x hidden x 2 bytes "
                            "less GPU memory per layer but the first (about 1 GiB for Mixtral-8x7B at 4k tokens), the same "
@@ -282,7 +313,9 @@ STAGE_TYPES = ("sft", "dpo")
 
 
 class ExportSpec(Section):
-    merge: bool = Field(True, description="Merge the final adapter into the base weights and save the merged model.")
+    merge: StrictBool = Field(
+        True, description="Merge the final adapter into the base weights and save the merged model."
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     base: Literal["original", "dequantized"] = Field(
         "original", description="Merge into the base checkpoint's weights, or into the 4-bit weights as trained."
@@ -338,7 +371,7 @@ class TrackingSpec(Section):
     )
     notes: str | None = Field(None, description="W&B notes, the mlflow run's description: a line about what this run "
                                  "tries.")
-    router_stats: bool = Field(
+    router_stats: StrictBool = Field(
         True, description="Log the router's per-layer expert load, entropy and auxiliary loss while training."
     )
     router_stats_steps: PositiveInt | None = Field(
@@ -393,6 +426,28 @@ class Recipe(Section):
             if data is not None and getattr(data, kind) is None:
                 raise ValueError(f"a '{kind}' stage needs data.{kind}")
         return stages
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder_of_its_own(cls, output_dir: str) -> str:
+        """--overwrite deletes output_dir, so it must never be a folder that holds anything else of the user's."""
+        if not output_dir.strip():
+            raise ValueError("is empty (that would be the working directory): give a folder for this run, "
+                             "such as runs/my-run")
+        folder = Path(output_dir).expanduser()
+        resolved, cwd = folder.resolve(), Path.cwd().resolve()
+        if resolved == Path(resolved.anchor):
+            what = "the filesystem root"
+        elif resolved == Path.home().resolve():
+            what = "your home folder"
+        elif resolved == cwd:
+            what = "the working directory"
+        elif resolved in cwd.parents:
+            what = "a folder above the working directory"
+        else:
+            return str(folder) if output_dir.startswith("~") else output_dir
+        raise ValueError(f"{output_dir!r} is {what} ({resolved}), which --overwrite would delete: give a folder "
+                         "for this run, such as runs/my-run")
 
     @property
     def run_dir(self) -> Path:

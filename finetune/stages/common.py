@@ -89,6 +89,12 @@ class MetricsLog(TrainerCallback):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        from finetune.telemetry import drop_torn_last_line
+
+        if state.is_world_process_zero:
+            drop_torn_last_line(self.path)  # a resumed stage appends after what its killed run wrote
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with self.path.open("a", encoding="utf-8") as f:

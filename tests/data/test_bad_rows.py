@@ -181,7 +181,61 @@ def test_an_empty_file_fails_in_strict_mode_and_is_reported_in_lenient_mode(tmp_
                            tokenizer)
     assert prepared.stats["sources"][0] | {"first_dropped": None} == prepared.stats["sources"][0]
     assert prepared.stats["sources"][0]["empty"] and prepared.stats["sources"][0]["rows"] == 0
-    assert len(prepared.train) == 1 and "is empty: it holds no rows" in prepared.summary()
+    assert len(prepared.train) == 1 and "gives no rows: empty file: it holds no rows" in prepared.summary()
 
     with pytest.raises(DataError, match="no training rows are left"):
         prepare_sft(make_recipe(sft={"sources": [{"path": str(empty)}]}, on_bad_row="drop"), tokenizer)
+
+
+DEEP = "[" * 5000 + "]" * 5000  # valid JSON, nested deeper than Python's JSON reader goes
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_too_deeply_nested_row_is_one_bad_row(tmp_path, make_recipe, tokenizer, suffix):
+    path = tmp_path / f"rows{suffix}"
+    tricky = {"messages": [{"role": "user", "content": 'a, ] } " [ {'}, {"role": "assistant", "content": "b"}]}
+    if suffix == ".jsonl":
+        path.write_text(f"{json.dumps(GOOD)}\n{{\"messages\": {DEEP}}}\n{json.dumps(tricky)}\n")
+    elif suffix == ".json":
+        path.write_text(f"[{json.dumps(GOOD)},\n{{\"messages\": {DEEP}}},\n{json.dumps(tricky)}]")
+    else:  # a CSV cell holds the messages as JSON text
+        cells = [json.dumps(GOOD["messages"]), DEEP, json.dumps(tricky["messages"])]
+        path.write_text('messages\n"' + '"\n"'.join(cell.replace('"', '""') for cell in cells) + '"\n')
+    where = {".jsonl": f"{path}:2:", ".json": f"{path} row 2:", ".csv": f"{path}:3:"}[suffix]  # CSV: after the header
+    with pytest.raises(DataError) as info:
+        prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}), tokenizer)
+    assert str(info.value).startswith("data.sft: 1 row(s) cannot be used (1 too_nested):")
+    assert f"  - {where} too_nested: " in str(info.value)
+
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}, on_bad_row="drop"), tokenizer)
+    source = prepared.stats["sources"][0]
+    assert source["dropped"] == {"too_nested": 1} and source["kept"] == 2 and source["rows"] == 3
+    first = source["first_dropped"]
+    assert first.startswith(f"{where} too_nested: ") and "nested too deeply" in first
+    assert "1 too_nested (nested too deeply to read)" in prepared.summary()
+
+
+def test_a_bad_preference_message_names_its_field(tmp_path, make_recipe, tokenizer):
+    rows = {
+        1: ({"prompt": "hi", "chosen": "a", "rejected": ""}, "'rejected': message 1 (assistant): content is empty"),
+        2: ({"prompt": "hi", "chosen": " ", "rejected": "b"}, "'chosen': message 1 (assistant): content is empty"),
+        3: ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt': message 0 (user): content is empty"),
+        4: ({"prompt": "hi", "chosen": "a", "rejected": [{"role": "assistant", "content": 7}]},
+            "'rejected': message 1 (assistant): content must be a string"),
+        5: ({"prompt": "hi", "chosen": [{"role": "assistant"}], "rejected": "b"},
+            "'chosen': message 1: missing key 'content'"),
+    }
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row, _ in rows.values()))
+    with pytest.raises(DataError) as info:
+        prepare_dpo(make_recipe(dpo={"sources": [{"path": str(path)}]}), tokenizer)
+    for line, (_, detail) in rows.items():
+        assert re.search(rf"^  - {re.escape(str(path))}:{line}: \w+: {re.escape(detail)}", str(info.value), re.M), \
+            str(info.value)
+
+    # A renamed column is named as the file has it.
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(json.dumps({"question": "hi", "good": "a", "bad": ""}) + "\n")
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    with pytest.raises(DataError, match=r"renamed.jsonl:1: empty_message: 'bad': message 1 \(assistant\)"):
+        prepare_dpo(make_recipe(dpo={"sources": [{"path": str(renamed), "columns": columns}]}), tokenizer)

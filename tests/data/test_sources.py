@@ -143,3 +143,48 @@ def test_undetectable_or_mismatched_format_is_named(tmp_path, make_recipe, token
     prefs = write_jsonl("prefs.jsonl", [preference(0)])
     with pytest.raises(DataError, match="an? sft stage reads chat or instruction rows"):
         prepare_sft(make_recipe(sft={"sources": [{"path": prefs}]}), tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not parquet"])
+def test_a_parquet_file_that_cannot_be_read_is_one_error_naming_file_and_key(tmp_path, make_recipe, tokenizer, chat,
+                                                                             damage):
+    good = write_rows(tmp_path / "good.jsonl", [chat(0)])
+    path = tmp_path / "rows.parquet"
+    if damage == "truncated":
+        write_rows(path, [chat(i) for i in range(10)])
+        path.write_bytes(path.read_bytes()[:-20])  # as a copy cut short leaves it
+    else:
+        path.write_text("messages\nhello\n")
+    with pytest.raises(DataError) as info:
+        prepare_sft(make_recipe(sft={"sources": [{"path": good}, {"path": str(path)}]}), tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"data.sft.sources.1.path: {path} cannot be read as Parquet") and "\n" not in message
+    assert "<Buffer>" not in message
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf8_byte_order_mark_is_accepted_in_every_text_format(tmp_path, make_recipe, tokenizer, suffix):
+    plain = write_rows(tmp_path / f"plain{suffix}", [{"messages": m} for m in CONVERSATIONS])
+    marked = tmp_path / f"marked{suffix}"
+    marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / f"plain{suffix}").read_bytes())  # as Excel writes UTF-8 CSV
+    expected = prepare_sft(make_recipe(sft={"sources": [{"path": plain}]}), tokenizer)
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": str(marked)}]}), tokenizer)
+    assert sorted(prepared.train["input_ids"]) == sorted(expected.train["input_ids"])
+    assert prepared.stats["sources"][0]["dropped"] == {} and prepared.stats["sources"][0]["format"] == "messages"
+
+
+@pytest.mark.parametrize("split", ["train[5:2]", "train[150%:]", "train[20:]"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_split_that_selects_no_rows_says_so(tmp_path, make_recipe, tokenizer, chat, split, suffix):
+    path = write_rows(tmp_path / f"chat{suffix}", [chat(i) for i in range(20)])
+    other = write_rows(tmp_path / "other.jsonl", [chat(0)])
+    sources = [{"path": path, "split": split}, {"path": other}]
+    with pytest.raises(DataError) as info:
+        prepare_sft(make_recipe(sft={"sources": sources}), tokenizer)
+    message = str(info.value)
+    assert message.startswith("data.sft: 1 source(s) give no rows:\n")
+    assert f"  - {path}: split '{split}' selects 0 of its 20 rows\n" in message
+    assert "empty file" not in message and "row(s) cannot be used" not in message
+
+    prepared = prepare_sft(make_recipe(sft={"sources": sources}, on_bad_row="drop"), tokenizer)
+    assert f"{path} gives no rows: split '{split}' selects 0 of its 20 rows" in prepared.summary()

@@ -150,3 +150,159 @@ def test_expert_chunks_are_a_positive_count_or_the_kernel_default(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert f"{path}:7: stages.0.expert_chunks:" in str(info.value) and "greater than 0" in str(info.value)
+
+
+def test_duplicate_keys_are_each_named_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a second `lora:` block would replace the first."""
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        lora: {r: 16, r: 64}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+            epochs: 1
+            epochs: 2
+        lora:
+          dropout: 0.0
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        f"{path}:3: lora.r: duplicate key (first on line 3); YAML would keep only the last",
+        f"{path}:9: stages.0.epochs: duplicate key (first on line 8); YAML would keep only the last",
+        f"{path}:10: lora: duplicate key (first on line 3); YAML would keep only the last",
+    ]
+
+
+def test_merge_keys_may_be_overridden_without_a_duplicate(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: &model {name_or_path: tiny-mixtral, device: cpu}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+        export:
+          <<: {dtype: float16, merge: false}
+          dtype: float32
+        """)
+    recipe = load_recipe(path)
+    assert recipe.export.dtype == "float32" and recipe.export.merge is False
+
+
+@pytest.mark.parametrize("override", ["stages.0.epochs=.inf", "stages.0.learning_rate=.inf", "stages.1.beta=.inf",
+                                      "stages.0.warmup_ratio=.nan", "data.sft.sources.0.weight=.inf",
+                                      "lora.dropout=-.inf"])
+def test_numbers_must_be_finite(override):
+    """An infinite number of epochs validated, then crashed after the model had loaded."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(QUICKSTART, [override])
+    key, value = override.split("=")
+    assert info.value.problems == [f"override '{override}': {key}: must be a finite number, "
+                                   f"got {float(value.replace('.', ''))}"]
+
+
+def test_output_dir_is_a_folder_of_its_own(tmp_path, monkeypatch):
+    """--overwrite deletes output_dir: it must never be the working, home or root folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    refused = {"": "is empty", "  ": "is empty", "/": "is the filesystem root", "~/": "is your home folder",
+               str(home): "is your home folder", ".": "is the working directory",
+               "..": "is a folder above the working directory"}
+    for output_dir, reason in refused.items():
+        override = f"output_dir={output_dir}" if output_dir.strip() else f"output_dir='{output_dir}'"
+        with pytest.raises(RecipeError) as info:
+            load_recipe(QUICKSTART, [override])
+        [problem] = info.value.problems
+        assert problem.startswith(f"override '{override}': output_dir: ") and reason in problem, problem
+    assert load_recipe(QUICKSTART, ["output_dir=~/runs/x"]).output_dir == str(home / "runs" / "x")
+    assert load_recipe(QUICKSTART, ["output_dir=runs/x"]).output_dir == "runs/x"
+
+
+def test_a_local_looking_model_path_must_exist(tmp_path, monkeypatch):
+    """A missing local folder was tried as a hub id, failing with a traceback after the run folder was written."""
+    problems = {}
+    for key, value in [("model.name_or_path", "/nonexistent/dir"), ("model.name_or_path", "./missing"),
+                       ("model.tokenizer", "../missing"), ("model.tokenizer", "~/missing")]:
+        with pytest.raises(RecipeError) as info:
+            load_recipe(QUICKSTART, [f"{key}={value}"])
+        [problems[value]] = info.value.problems
+        assert problems[value].startswith(f"override '{key}={value}': {key}: no such folder: {value}")
+    assert "relative paths are read from" in problems["./missing"]
+    assert load_recipe(QUICKSTART, ["model.tokenizer=mistralai/Mixtral-8x7B-v0.1"]).model.tokenizer == \
+        "mistralai/Mixtral-8x7B-v0.1"  # a hub id is looked up when the run starts
+    assert load_recipe(QUICKSTART, [f"model.name_or_path={tmp_path}"]).model.name_or_path == str(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "base").mkdir()
+    assert load_recipe(QUICKSTART, ["model.name_or_path=~/base"]).model.name_or_path == str(tmp_path / "base")
+
+
+def test_run_with_a_missing_model_folder_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(QUICKSTART), f"output_dir={out}",
+                           "model.name_or_path=/nonexistent/dir"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert "model.name_or_path: no such folder: /nonexistent/dir" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_a_byte_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"seed: 1\noutput_dir: runs/x\nmodel: {name_or_path: caf\xe9}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [f"{path}:3: not UTF-8 text: byte 0xe9 at column 26 (save the recipe as UTF-8)"]
+
+
+def test_a_key_yaml_reads_as_a_boolean_is_named_with_the_fix(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+        tracking:
+          on: true
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        f"{path}:8: tracking.on: YAML reads the key 'on' as the boolean true, not a word: quote it ('on':)"]
+
+
+def test_an_empty_section_is_named_not_taken_for_the_defaults(tmp_path):
+    """`lora: null` means no LoRA, so a section left empty is an error rather than a guess."""
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model:
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+          -
+        export:
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    empty = "the section is empty (YAML reads a key with nothing under it as null): give its keys"
+    assert info.value.problems == [
+        f"{path}:2: model: {empty}",
+        f"{path}:7: stages.1: the item is empty: give its keys",
+        f"{path}:8: export: {empty}, or leave the key out for the defaults",
+    ]
+
+
+def test_booleans_are_true_or_false_only(tmp_path):
+    path = write_one_sft_stage(tmp_path, 'gradient_checkpointing: "no"')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [f"{path}:7: stages.0.gradient_checkpointing: expected true or false, got 'no'"]
+    with pytest.raises(RecipeError, match=r"export.merge: expected true or false, got 'off'"):
+        load_recipe(QUICKSTART, ["export.merge='off'"])
+    with pytest.raises(RecipeError, match=r"data.sft.packing: expected true or false, got 1"):
+        load_recipe(QUICKSTART, ["data.sft.packing=1"])
+    assert load_recipe(QUICKSTART, ["export.merge=false"]).export.merge is False

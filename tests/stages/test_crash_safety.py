@@ -139,11 +139,19 @@ def test_sigterm_then_sigkill_mid_accumulation_in_sft_then_resume_is_exact(recip
     assert any(f"continuing from {tmp_path}/sft/checkpoints/checkpoint-3" in line for line in lines), lines[-20:]
     assert lines[-1].endswith("[trace] sft micro-step inside step 5")  # killed between the halves of step 5
     assert not (tmp_path / "sft" / "adapter").exists()
+    # as a kill in the middle of appending a record leaves the logs
+    logs = [tmp_path / "sft" / "metrics.jsonl", tmp_path / "sft" / "routing.jsonl"]
+    for log in logs:
+        with log.open("a", encoding="utf-8") as f:
+            f.write('{"step": 5, "lo')
 
     done = run(recipe, tmp_path, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"continuing from {tmp_path}/sft/checkpoints/checkpoint-4" in done.stdout
     assert_same_adapters(tmp_path, reference)
+    for log in logs:  # the resumed run's records start on lines of their own
+        steps = [json.loads(line)["step"] for line in log.read_text(encoding="utf-8").splitlines()]
+        assert steps and steps[-1] == 8, (log, steps)
 
 
 def test_nan_stops_before_the_optimizer_step_and_keeps_the_last_checkpoint(recipe, tmp_path, capsys):
@@ -198,3 +206,63 @@ def test_an_existing_run_needs_resume_or_overwrite_and_the_same_recipe(recipe, r
     finished = run(recipe, reference, "--resume")
     assert finished.returncode == 0
     assert "stage sft: already finished" in finished.stdout and "stage dpo: already finished" in finished.stdout
+
+
+def test_overwrite_deletes_only_a_run_folder(recipe, reference, tmp_path, capsys):
+    from finetune.cli import main
+
+    # in this process: the refusals come before anything loads
+    notes = tmp_path / "thesis"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("months of work")
+    assert main(command(recipe, notes, "--overwrite")[3:]) == 2
+    assert "does not hold a run (no recipe.yaml), so it is not deleted" in capsys.readouterr().err
+    assert (notes / "thesis.tex").read_text() == "months of work"
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(reference, run_copy)
+    (run_copy / "notes.txt").write_text("mine")
+    assert main(command(recipe, run_copy, "--overwrite")[3:]) == 2
+    assert "holds what a run does not write (notes.txt), so it is not deleted" in capsys.readouterr().err
+    assert (run_copy / "sft" / "adapter").is_dir() and (run_copy / "notes.txt").is_file()
+
+
+def test_every_stage_data_is_checked_before_the_folder_changes(recipe, reference, tmp_path, capsys):
+    """A bad preference row stops the run before SFT trains, and before --overwrite deletes the previous run."""
+    from finetune.cli import main
+
+    bad = tmp_path / "pairs.jsonl"
+    pairs = (REPO / "data" / "quickstart" / "preference.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    torn = json.loads(pairs[0])
+    del torn["rejected"]
+    bad.write_text("\n".join([*pairs, json.dumps(torn)]) + "\n", encoding="utf-8")
+    run_copy = tmp_path / "run"
+    shutil.copytree(reference, run_copy)
+    before = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))
+    assert main(command(recipe, run_copy, "--overwrite", f"data.dpo.sources.0.path={bad}")[3:]) == 2
+    err = capsys.readouterr().err
+    assert "data.dpo" in err and f"{bad}:4" in err and "rejected" in err, err[-2000:]
+    assert "=== stage sft" not in capsys.readouterr().out
+    assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == before
+
+
+def test_resume_refuses_a_stage_whose_data_changed(tiny_recipe, tmp_path, capsys):
+    """A checkpoint continues only on the data it was trained on; the same data again resumes."""
+    from finetune.cli import main
+
+    data = tmp_path / "sft.jsonl"
+    original = (REPO / "data" / "quickstart" / "sft.jsonl").read_text(encoding="utf-8")
+    data.write_text(original, encoding="utf-8")
+    path = tiny_recipe(tmp_path / "recipe.yaml", sft={"max_steps": 2, "save_steps": 1},
+                       data={"sft": {"sources": [{"path": str(data)}]}})
+    out = tmp_path / "run"
+    assert main(["run", str(path), f"output_dir={out}"]) == 0
+    (out / "sft" / "manifest.json").unlink()  # as a run killed after its last checkpoint leaves it
+    data.write_text("\n".join(original.splitlines()[:40]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["run", str(path), f"output_dir={out}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.sft: the data ({data}) differs from what {out / 'sft' / 'checkpoints' / 'checkpoint-2'}" in err, err
+    data.write_text(original, encoding="utf-8")
+    assert main(["run", str(path), f"output_dir={out}", "--resume"]) == 0
+    assert "continuing from" in capsys.readouterr().out
