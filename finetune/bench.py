@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from finetune.cli import at_least
+
 GIB = 2**30
 LORA_R, LORA_ALPHA = 16, 32
 
@@ -676,23 +678,9 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
     return rows, check
 
 
-def _count(text: str, least: int = 0, why: str = "") -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be {least} or more{why}, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _count(text, least=1)
-
-
-def _seq(text: str) -> int:
-    """A sequence length: one token has no next token to predict, so a training step needs two."""
-    return _count(text, least=2, why=" (a step predicts each next token)")
+_count, _positive = at_least(0), at_least(1)
+# a sequence length: one token has no next token to predict, so a training step needs two
+_seq = at_least(2, " (a step predicts each next token)")
 
 
 def _seqs(text: str) -> list[int]:

@@ -103,15 +103,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def at_least(low: int):
-    """An integer option's type that refuses values below `low` when parsing, before anything loads."""
+def at_least(low: int, why: str = ""):
+    """An integer option's type that refuses values below `low` when parsing, before anything loads; `why` is
+    said with the refusal."""
     def integer(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+            raise argparse.ArgumentTypeError(f"must be {low} or more{why}, got {value}")
         return value
 
     return integer

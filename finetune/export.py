@@ -30,6 +30,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.model import DTYPES
+from finetune.recipe.schema import SIZE
 
 VERIFY_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -253,7 +254,7 @@ def merge(base: Path, adapter: Adapter, out: Path, dtype: torch.dtype, max_shard
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
+    m = re.fullmatch(SIZE, text.upper())
     if not m:
         raise ExportError(f"max shard size {text!r}: expected e.g. 5GB, 500MB")
     return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
@@ -413,7 +414,10 @@ def reference_logits(run: RunFiles, base: str, dtype: str, tokenizer) -> tuple[l
         from finetune import model as models
         from finetune.recipe.schema import LoraSpec, ModelSpec
 
-        spec = ModelSpec.model_validate({**run.recipe["model"], "device": "cpu"})
+        # the base as this run folder holds it (a relative path in the saved recipe is read from where the run
+        # was started, not from here)
+        spec = ModelSpec.model_validate({**run.recipe["model"], "name_or_path": str(run.base_model),
+                                         "tokenizer": str(run.tokenizer), "device": "cpu"})
         model = models.load_adapter(models.load_base(spec, run.base_model, "cpu")[0], run.adapter,
                                     LoraSpec.model_validate(run.recipe["lora"]), trainable=False)
     prompts = _prompts(tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         to_run = [s.type for s in recipe.stages if not (continuing and stage_finished(run_dir / s.type))]
         with distributed.main_first():  # the main process fills the data cache, the others read it
             prepared = {kind: prepare(recipe, tokenizer, kind) for kind in to_run}
-        data = {kind: p.fingerprint for kind, p in prepared.items()}
+        data = {kind: list(p.sources) for kind, p in prepared.items()}
         if continuing:
             refuse_changed_data(recipe, data)
         distributed.barrier()  # every process has read the folder before the main process changes it
@@ -62,37 +63,33 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         return run_stages(recipe, resume, stop, tokenizer, prepared)
 
 
-def refuse_changed_data(recipe: Recipe, data: dict[str, str]) -> None:
-    """--resume continues a stage's checkpoint only on the data it was trained on (a finished stage is not run
-    again, so its data may have changed)."""
-    from finetune.stages.common import last_complete_checkpoint, stage_finished
+def refuse_changed_data(recipe: Recipe, data: dict[str, list[str]]) -> None:
+    """--resume continues a stage's checkpoint only on the data files it was trained on (their content; the
+    settings are the recipe's, which `check_run_dir` compares)."""
+    from finetune.stages.common import last_complete_checkpoint
 
     recorded = _recorded_data(recipe.run_dir)
     for kind, now in data.items():
-        stage_dir = recipe.run_dir / kind
         was = recorded.get(kind)
-        if was is None or was == now or stage_finished(stage_dir):
+        checkpoint = last_complete_checkpoint(recipe.run_dir / kind / "checkpoints")
+        if was is None or was == now or checkpoint is None:
             continue
-        checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
-        if checkpoint is not None:
-            sources = ", ".join(s.name for s in getattr(recipe.data, kind).sources)
-            raise FinetuneError(f"data.{kind}: the data ({sources}) differs from what {checkpoint} was trained on "
-                                f"(fingerprint {was[:12]}, now {now[:12]}); resume needs the same data: put it back, "
-                                "or pass --overwrite to start the run over")
+        sources = getattr(recipe.data, kind).sources
+        changed = [s.name for s, a, b in zip(sources, was, now) if a != b] if len(was) == len(now) else []
+        raise FinetuneError(f"data.{kind}: {', '.join(changed) or 'the data'} changed since {checkpoint} was "
+                            "trained on it (content fingerprint); resume needs the same data: put it back, or pass "
+                            "--overwrite to start the run over")
 
 
-def record_data(run_dir: Path, data: dict[str, str]) -> None:
-    """data.json: each stage's data fingerprint (a finished stage keeps the one it was trained on)."""
-    from finetune.stages.common import stage_finished
-
-    kept = {stage: was for stage, was in _recorded_data(run_dir).items() if stage_finished(run_dir / stage)}
-    record = {**data, **kept}
+def record_data(run_dir: Path, data: dict[str, list[str]]) -> None:
+    """data.json: each stage's data files' content fingerprints (a finished stage, not run again, keeps its own)."""
+    record = {**_recorded_data(run_dir), **data}
     tmp = run_dir / "data.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     tmp.replace(run_dir / "data.json")
 
 
-def _recorded_data(run_dir: Path) -> dict[str, str]:
+def _recorded_data(run_dir: Path) -> dict[str, list[str]]:
     path = run_dir / "data.json"
     if not path.is_file():
         return {}
@@ -100,7 +97,7 @@ def _recorded_data(run_dir: Path) -> dict[str, str]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FinetuneError(f"{path}: not the JSON a run writes ({e}); remove it to resume without the data check")
-    return {k: v for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else {}
+    return {k: v for k, v in record.items() if isinstance(v, list)} if isinstance(record, dict) else {}
 
 
 def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict) -> dict:
@@ -131,7 +128,7 @@ def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict) ->
         else:
             set_seed(recipe.seed)  # a resumed run and a fresh one start each stage from the same RNG state
             adapter = run_stage(recipe, stage, base_path, tokenizer, stage_dir, adapter, resume, stop,
-                                prepared[stage.type])
+                                prepared.pop(stage.type))  # not kept past its stage (in memory without the cache)
         record["stages"][stage.type] = str(stage_dir.resolve())
     record["final_adapter"] = str(adapter.resolve())
     if distributed.is_main():
@@ -178,7 +175,9 @@ def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
 # what a run writes in its folder (README: What a run writes), and the temporary names it writes them under
 RUN_ENTRIES = {"recipe.yaml", "run.json", "data.json", "base-model", "tokenizer", "sft", "dpo", "tracking.json",
                "wandb", "tensorboard", "mlflow.db", "mlartifacts", "report", "export", "export-adapter"}
-TEMPORARY_SUFFIXES = (".tmp", ".partial", ".old")
+# and what is left beside them: a temporary name, SQLite's journal of mlflow.db (-journal, -wal, -shm) when a run
+# was killed while logging, the operating system's own files
+SIDE_FILE = re.compile(r"(?P<entry>.+?)(\.tmp|\.partial|\.old|-journal|-wal|-shm)|\.DS_Store|\.nfs.*")
 
 
 def refuse_to_delete(run_dir: Path) -> None:
@@ -191,8 +190,8 @@ def refuse_to_delete(run_dir: Path) -> None:
     if names and "recipe.yaml" not in names:
         raise FinetuneError(f"--overwrite: {run_dir} does not hold a run (no recipe.yaml), so it is not deleted; "
                             "choose an empty or new output_dir")
-    foreign = [n for n in names if n not in RUN_ENTRIES and not any(
-        n.endswith(suffix) and n[: -len(suffix)] in RUN_ENTRIES for suffix in TEMPORARY_SUFFIXES)]
+    foreign = [n for n in names if n not in RUN_ENTRIES and not (
+        (side := SIDE_FILE.fullmatch(n)) and side["entry"] in (None, *RUN_ENTRIES))]
     if foreign:
         raise FinetuneError(f"--overwrite: {run_dir} holds what a run does not write ({', '.join(foreign[:5])}"
                             f"{', ...' if len(foreign) > 5 else ''}), so it is not deleted; move those away or "
@@ -254,10 +253,10 @@ def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path
     if stage.type == "sft":
         from finetune.stages.sft import run_sft
 
-        return run_sft(recipe, stage, base_path, tokenizer, stage_dir, resume, stop, prepared)
+        return run_sft(recipe, stage, base_path, tokenizer, prepared, stage_dir, resume, stop)
     from finetune.stages.dpo import run_dpo
 
-    return run_dpo(recipe, stage, base_path, tokenizer, stage_dir, previous_adapter, resume, stop, prepared)
+    return run_dpo(recipe, stage, base_path, tokenizer, prepared, stage_dir, previous_adapter, resume, stop)
 
 
 def export(recipe: Recipe) -> Path:

@@ -150,7 +150,7 @@ class RouterTelemetry(TrainerCallback):
         if not self.counts.routers:
             print("[telemetry] no Mixtral router (layers.N.mlp.gate) found: no router statistics")
         if distributed.is_main():
-            _keep_records_up_to(self.path, state.global_step)  # a resumed stage logs again what followed its checkpoint
+            keep_records_up_to(self.path, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
@@ -169,22 +169,17 @@ class RouterTelemetry(TrainerCallback):
         self.dashboards.log(step, window_scalars(record))
 
 
-def _keep_records_up_to(path: Path, step: int) -> None:
-    if path.is_file():
-        drop_torn_last_line(path)
-        kept = [line for line in read_lines(path) if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def drop_torn_last_line(path: Path) -> None:
-    """A kill while a record was being appended leaves a last line without its newline: cut it, so that records
-    appended on resume start on a line of their own."""
+def keep_records_up_to(path: Path, step: int) -> None:
+    """On resume: the log's records up to the checkpoint's step (the stage logs again what followed it), less the
+    last line if a kill left it half-written (without its newline)."""
     if not path.is_file():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    text = path.read_text(encoding="utf-8")
+    whole = text[: text.rfind("\n") + 1]
+    kept = [line for line in whole.splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_lines(path: Path) -> list[str]:

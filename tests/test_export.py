@@ -203,10 +203,10 @@ def test_a_broken_run_record_is_a_clear_error(tmp_path, capsys):
     (["export", "RUN", "--max-shard-size", "abc"], "--max-shard-size: 'abc': expected a size such as 5GB"),
     (["export", "RUN", "--tolerance", "-1"], "--tolerance: '-1': expected a finite number > 0"),
     (["export", "RUN", "--tolerance", "0"], "--tolerance: '0': expected a finite number > 0"),
-    (["generate", "RUN", "--prompt", "Hi", "--max-new-tokens", "-5"], "--max-new-tokens: -5 is below 1"),
+    (["generate", "RUN", "--prompt", "Hi", "--max-new-tokens", "-5"], "--max-new-tokens: must be 1 or more, got -5"),
     (["generate", "RUN", "--prompt", " "], "--prompt: empty"),
     (["chat", "RUN", "--temperature", "-1"], "--temperature: -1: must be 0 \\(greedy\\) or a positive number"),
-    (["data", "RECIPE", "--examples", "-1"], "--examples: -1 is below 0"),
+    (["data", "RECIPE", "--examples", "-1"], "--examples: must be 0 or more, got -1"),
 ])
 def test_bad_options_are_refused_when_parsing(command, why, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -85,6 +85,16 @@ def run(tmp_path_factory, tiny_recipe) -> dict:
     return {"dir": out, "home": home, "first": "".join(first), "resumed": resumed.stdout + resumed.stderr}
 
 
+def test_overwrite_would_delete_a_run_with_every_dashboard(run):
+    """What the dashboards leave in the run folder (wandb/, tensorboard/, mlflow.db and its artifacts, trackio's
+    ids) is all known to --overwrite, which refuses a folder holding anything else."""
+    from finetune.pipeline import refuse_to_delete
+
+    expected = {"wandb", "tensorboard", "tracking.json", "export"} | ({"mlflow.db"} if HAS_MLFLOW else set())
+    assert expected <= {p.name for p in run["dir"].iterdir()}
+    refuse_to_delete(run["dir"])
+
+
 def wandb_records(path: Path):
     """The records of a .wandb file (a LevelDB-style log of protobuf records), read with wandb's own schema."""
     from wandb.proto import wandb_internal_pb2

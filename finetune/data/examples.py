@@ -52,8 +52,6 @@ def sft_examples(batch: dict[str, list], *, row_format: str, columns: dict, toke
             conversations.append((index, sft_messages(raw_row(row), row_format, columns)))
         except BadRow as e:
             out[index] = _rejected(row, e.reason, str(e), sft=True)
-        except RecursionError:  # a value nested just under the JSON reader's limit, compared or printed deeper
-            out[index] = _rejected(row, "too_nested", TOO_NESTED, sft=True)
     encoded = tokenize_conversations([m for _, m in conversations], tokenizer, train_on_prompt=train_on_prompt)
     for (index, _), example in zip(conversations, encoded):
         out[index] = _sft_example(rows[index], example, max_seq_len, on_too_long)
@@ -91,8 +89,6 @@ def preference_examples(batch: dict[str, list], *, columns: dict, tokenizer, max
             pairs.append((index, preference_messages(raw_row(row), columns)))
         except BadRow as e:
             out[index] = _rejected(row, e.reason, str(e), sft=False)
-        except RecursionError:
-            out[index] = _rejected(row, "too_nested", TOO_NESTED, sft=False)
     encoded = tokenize_conversations([prompt + reply for _, (prompt, *replies) in pairs for reply in replies],
                                      tokenizer)
     for number, (index, messages) in enumerate(pairs):

@@ -42,7 +42,8 @@ class Prepared:
     train: Dataset
     eval: Dataset | None
     stats: dict
-    fingerprint: str
+    fingerprint: str  # the cache key: the data's content, its settings, the tokenizer and this code
+    sources: tuple[str, ...]  # each source's content fingerprint
     trainer_kwargs: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -88,7 +89,8 @@ def prepare(recipe: Recipe, tokenizer, stage: str) -> Prepared:
                       "seconds": round(time.perf_counter() - started, 2)}
     if stage == "sft":  # the stage's batch size is not part of the key: measured on the rows, hit or miss
         stats["padded_batches"] = _padded_batches(recipe, train)
-    return Prepared(stage, train, held_out, stats, key, _trainer_kwargs(recipe, stage, stats))
+    return Prepared(stage, train, held_out, stats, key, tuple(o.fingerprint for o in opened),
+                    _trainer_kwargs(recipe, stage, stats))
 
 
 def _key_parts(recipe: Recipe, tokenizer, stage: str, opened: list[OpenedSource]) -> dict:

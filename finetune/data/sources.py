@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
 
 JSON_COLUMN, ROW_COLUMN, ERROR_COLUMN = "_json", "_row", "_error"
 DETECT_ROWS = 200  # rows of a JSON source read to tell its format
-# A JSON string or one of the characters that give a JSON text its structure.
-JSON_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')
 
 
 class DataError(FinetuneError, ValueError):
@@ -173,39 +170,12 @@ def _json_array_rows(data: bytes, path: Path) -> Iterator[tuple[int, str, str]]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise _invalid_json(path, e.lineno, e) from None
-    except RecursionError:  # a row nested too deeply to parse: read the rows one by one, so only it is lost
-        yield from _json_rows_one_by_one(text, path)
-        return
+    except RecursionError:  # as a file that is not valid JSON, the whole file (a .jsonl file loses only the row)
+        raise DataError(f"{path}: a row is {TOO_NESTED} (use .jsonl to have such rows reported one by one)") from None
     if not isinstance(value, list):
         raise DataError(f"{path}: a .json file must hold a list of rows, it holds a {type(value).__name__}")
     for number, item in enumerate(value, start=1):
         yield _json_item_row(number, item)
-
-
-def _json_rows_one_by_one(text: str, path: Path) -> Iterator[tuple[int, str, str]]:
-    """The rows of a .json list, cut apart by its structure (without recursion) and each parsed on its own."""
-    if not text.lstrip().startswith("["):
-        raise DataError(f"{path}: a .json file must hold a list of rows; this one is {TOO_NESTED}")
-    depth, start, number = 0, 0, 0
-    for match in JSON_STRUCTURE.finditer(text):
-        token = match.group()
-        if depth == 1 and token in (",", "]") and (number or token == "," or text[start:match.start()].strip()):
-            number += 1
-            piece = text[start:match.start()]
-            try:
-                yield _json_item_row(number, json.loads(piece))
-            except json.JSONDecodeError as e:
-                raise _invalid_json(path, text.count("\n", 0, start) + e.lineno, e) from None
-            except RecursionError:
-                yield number, "", f"too_nested: {TOO_NESTED}"
-            start = match.end()
-        if token in ("[", "{"):
-            depth += 1
-            start = match.end() if depth == 1 else start
-        elif token in ("]", "}"):
-            depth -= 1
-            if depth == 0:
-                return
 
 
 def _invalid_json(path: Path, line: int, e: json.JSONDecodeError) -> DataError:

@@ -25,6 +25,7 @@ TINY_MIXTRAL = "tiny-mixtral"
 MIXTRAL_TOKENIZER = "mixtral-v1"
 # what marks a model or tokenizer as a local folder rather than a hub id (org/name)
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+SIZE = r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*"  # a byte count such as 5GB or 500mb (export.max_shard_size)
 
 
 class Section(BaseModel):
@@ -320,7 +321,7 @@ class ExportSpec(Section):
     base: Literal["original", "dequantized"] = Field(
         "original", description="Merge into the base checkpoint's weights, or into the 4-bit weights as trained."
     )
-    max_shard_size: str = Field("5GB", pattern=r"^\s*\d+(\.\d+)?\s*[KMG]?B\s*$", description="e.g. 5GB, 500MB")
+    max_shard_size: str = Field("5GB", pattern=f"(?i)^{SIZE}$", description="e.g. 5GB, 500MB")
     verify_tolerance: Annotated[float, Field(gt=0)] | None = Field(
         None, description="Largest allowed |logit difference| between the export and base+adapter; "
                           "default by dtype: float32 1e-3, bfloat16 0.25, float16 0.05."

@@ -90,10 +90,10 @@ class MetricsLog(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from finetune.telemetry import drop_torn_last_line
+        from finetune.telemetry import keep_records_up_to
 
         if state.is_world_process_zero:
-            drop_torn_last_line(self.path)  # a resumed stage appends after what its killed run wrote
+            keep_records_up_to(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import distributed
 from finetune import model as models
-from finetune.data.prepare import Prepared, prepare_dpo
+from finetune.data.prepare import Prepared
 from finetune.recipe.schema import DPOStage, Recipe
 from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_class,
                                     trainer_kwargs)
 
 
-def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
-                      sft_adapter: Path | None, stop: StopSignal, callbacks: list = (),
-                      prepared: Prepared | None = None):
-    """The preference data, the 4-bit base with the SFT adapter (trainable, and copied as the reference);
+def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, prepared: Prepared,
+                      stage_dir: Path, sft_adapter: Path | None, stop: StopSignal, callbacks: list = ()):
+    """The prepared preference data, the 4-bit base with the SFT adapter (trainable, and copied as the reference);
     `callbacks` are added to the trainer's own (dashboards, router telemetry)."""
     from trl import DPOConfig, DPOTrainer
 
-    if prepared is None:  # `finetune run` prepared every stage's data before the first stage
-        with distributed.main_first():  # the main process fills the data cache, the others read it
-            prepared = prepare_dpo(recipe, tokenizer)
     print(prepared.summary())
     train_rows, held_out = prepared.train, prepared.eval
 
@@ -56,11 +51,11 @@ def build_dpo_trainer(recipe: Recipe, stage: DPOStage, base_path: Path, tokenize
     return trainer, data
 
 
-def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, stage_dir: Path,
-            sft_adapter: Path | None, resume: bool, stop: StopSignal, prepared: Prepared | None = None) -> Path:
-    """Train on preference pairs (`prepared`, or prepared here); returns the adapter folder."""
+def run_dpo(recipe: Recipe, stage: DPOStage, base_path: Path, tokenizer, prepared: Prepared, stage_dir: Path,
+            sft_adapter: Path | None, resume: bool, stop: StopSignal) -> Path:
+    """Train on preference pairs (`prepared`); returns the adapter folder."""
     return run_stage_trainer(
         recipe, "dpo", stage, stage_dir, base_path, resume, stop,
-        lambda callbacks: build_dpo_trainer(recipe, stage, base_path, tokenizer, stage_dir, sft_adapter, stop,
-                                            callbacks, prepared),
+        lambda callbacks: build_dpo_trainer(recipe, stage, base_path, tokenizer, prepared, stage_dir, sft_adapter,
+                                            stop, callbacks),
         reference_policy=str(sft_adapter) if sft_adapter else "base model")

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import distributed
 from finetune import model as models
-from finetune.data.prepare import Prepared, prepare_sft
+from finetune.data.prepare import Prepared
 from finetune.recipe.schema import Recipe, SFTStage
 from finetune.stages.common import (MetricsLog, StopSignal, TrainingGuard, run_stage_trainer, trainer_class,
                                     trainer_kwargs)
 
 
-def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
-                      stop: StopSignal, callbacks: list = (),
-                      prepared: Prepared | None = None):
-    """The data, the 4-bit base with a new adapter, and trl's trainer, ready to train; `callbacks` are added to
+def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, prepared: Prepared,
+                      stage_dir: Path, stop: StopSignal, callbacks: list = ()):
+    """The prepared data, the 4-bit base with a new adapter, and trl's trainer, ready to train; `callbacks` are added to
     the trainer's own (dashboards, router telemetry)."""
     from trl import SFTConfig, SFTTrainer
 
-    if prepared is None:  # `finetune run` prepared every stage's data before the first stage
-        with distributed.main_first():  # the main process fills the data cache, the others read it
-            prepared = prepare_sft(recipe, tokenizer)
     print(prepared.summary())
     train_rows, held_out = prepared.train, prepared.eval
 
@@ -48,10 +43,9 @@ def build_sft_trainer(recipe: Recipe, stage: SFTStage, base_path: Path, tokenize
     return trainer, data
 
 
-def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, stage_dir: Path,
-            resume: bool, stop: StopSignal, prepared: Prepared | None = None) -> Path:
-    """Train a new adapter on the SFT data (`prepared`, or prepared here); returns the adapter folder."""
+def run_sft(recipe: Recipe, stage: SFTStage, base_path: Path, tokenizer, prepared: Prepared, stage_dir: Path,
+            resume: bool, stop: StopSignal) -> Path:
+    """Train a new adapter on the SFT data (`prepared`); returns the adapter folder."""
     return run_stage_trainer(
         recipe, "sft", stage, stage_dir, base_path, resume, stop,
-        lambda callbacks: build_sft_trainer(recipe, stage, base_path, tokenizer, stage_dir, stop, callbacks,
-                                            prepared))
+        lambda callbacks: build_sft_trainer(recipe, stage, base_path, tokenizer, prepared, stage_dir, stop, callbacks))

@@ -190,18 +190,16 @@ def test_an_empty_file_fails_in_strict_mode_and_is_reported_in_lenient_mode(tmp_
 DEEP = "[" * 5000 + "]" * 5000  # valid JSON, nested deeper than Python's JSON reader goes
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_a_too_deeply_nested_row_is_one_bad_row(tmp_path, make_recipe, tokenizer, suffix):
     path = tmp_path / f"rows{suffix}"
     tricky = {"messages": [{"role": "user", "content": 'a, ] } " [ {'}, {"role": "assistant", "content": "b"}]}
     if suffix == ".jsonl":
         path.write_text(f"{json.dumps(GOOD)}\n{{\"messages\": {DEEP}}}\n{json.dumps(tricky)}\n")
-    elif suffix == ".json":
-        path.write_text(f"[{json.dumps(GOOD)},\n{{\"messages\": {DEEP}}},\n{json.dumps(tricky)}]")
     else:  # a CSV cell holds the messages as JSON text
         cells = [json.dumps(GOOD["messages"]), DEEP, json.dumps(tricky["messages"])]
         path.write_text('messages\n"' + '"\n"'.join(cell.replace('"', '""') for cell in cells) + '"\n')
-    where = {".jsonl": f"{path}:2:", ".json": f"{path} row 2:", ".csv": f"{path}:3:"}[suffix]  # CSV: after the header
+    where = {".jsonl": f"{path}:2:", ".csv": f"{path}:3:"}[suffix]  # CSV: after the header
     with pytest.raises(DataError) as info:
         prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}), tokenizer)
     assert str(info.value).startswith("data.sft: 1 row(s) cannot be used (1 too_nested):")
@@ -213,6 +211,15 @@ def test_a_too_deeply_nested_row_is_one_bad_row(tmp_path, make_recipe, tokenizer
     first = source["first_dropped"]
     assert first.startswith(f"{where} too_nested: ") and "nested too deeply" in first
     assert "1 too_nested (nested too deeply to read)" in prepared.summary()
+
+
+def test_a_too_deeply_nested_row_in_a_json_list_fails_the_file_by_name(tmp_path, make_recipe, tokenizer):
+    """As a .json file that is not valid JSON: the list is parsed whole (.jsonl reports such a row alone)."""
+    path = tmp_path / "rows.json"
+    path.write_text(f"[{json.dumps(GOOD)},\n{{\"messages\": {DEEP}}}]")
+    for on_bad_row in ("fail", "drop"):
+        with pytest.raises(DataError, match=re.escape(f"{path}: a row is nested too deeply to read")):
+            prepare_sft(make_recipe(sft={"sources": [{"path": str(path)}]}, on_bad_row=on_bad_row), tokenizer)
 
 
 def test_a_bad_preference_message_names_its_field(tmp_path, make_recipe, tokenizer):

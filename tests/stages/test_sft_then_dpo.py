@@ -10,6 +10,7 @@ import torch
 
 from finetune import model as models
 from finetune.cli import main
+from finetune.data.prepare import prepare_dpo
 from finetune.pipeline import load_tokenizer
 from finetune.recipe import load_recipe
 from finetune.stages.common import StopSignal, read_metrics
@@ -47,7 +48,8 @@ def test_dpo_starts_with_zero_rewards_because_the_reference_is_the_sft_policy(ru
 def test_reference_adapter_is_the_sft_adapter_and_stays_frozen(recipe_path, run_dir, tmp_path):
     recipe = load_recipe(recipe_path, [f"output_dir={tmp_path}"])
     base_path, sft_adapter = run_dir / "base-model", run_dir / "sft" / "adapter"
-    trainer, _ = build_dpo_trainer(recipe, recipe.stages[1], base_path, load_tokenizer("mixtral-v1"),
+    tokenizer = load_tokenizer("mixtral-v1")
+    trainer, _ = build_dpo_trainer(recipe, recipe.stages[1], base_path, tokenizer, prepare_dpo(recipe, tokenizer),
                                    tmp_path / "dpo", sft_adapter, StopSignal())
     policy = trainer.model
     sft_only = models.load_adapter(models.load_base(recipe.model, base_path, "cpu")[0], sft_adapter,
