@@ -317,12 +317,23 @@ def barrier() -> None:
 
 @contextmanager
 def main_first():
-    """The main process runs the block first (filling a cache, building a file), the others after it."""
+    """The main process runs the block first (filling a cache, building a file), the others after it.
+
+    When the block fails in the main process (bad data, a missing model), the others exit quietly with its exit
+    code, so that its error is the one printed, rather than followed by each waiting process's broken-connection
+    traceback from the barrier the main process never reached.
+    """
     if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
+        if any_process(False):
+            raise SystemExit(2)  # the main process's error is printed by it (`finetune.cli`, exit code 2)
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        any_process(True)
+        raise
+    any_process(False)
 
 
 def any_process(flag: bool) -> bool:

@@ -56,10 +56,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         if continuing:
             refuse_changed_data(recipe, data)
         distributed.barrier()  # every process has read the folder before the main process changes it
-        if distributed.is_main():
-            prepare_run_dir(recipe, overwrite)
-            record_data(run_dir, data)
-        distributed.barrier()
+        with distributed.main_first():
+            if distributed.is_main():
+                prepare_run_dir(recipe, overwrite)
+                record_data(run_dir, data)
         return run_stages(recipe, resume, stop, tokenizer, prepared)
 
 

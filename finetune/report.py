@@ -23,6 +23,7 @@ from finetune.plots import STAGE_COLORS, drift_heatmap, load_heatmap, new_figure
 from finetune.telemetry import stage_load
 
 STAGES = ("sft", "dpo")
+STAGING = ".report-"  # then the drawing process's id: a killed report's folder is known and removed by the next
 NOT_PLOTTED = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "train_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "num_tokens",
                "eval_num_tokens"}
@@ -123,7 +124,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
     except OSError as e:
         raise FinetuneError(f"{out_dir}: cannot make the report folder ({e.strerror})") from None
     # drawn aside and moved in only when whole: a report that fails midway leaves the previous one as it was
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    remove_abandoned_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out_dir))
     try:
         figures = draw_figures(stages, staging)
         (staging / "index.html").write_text(render_html(run_dir, stages, figures), encoding="utf-8")
@@ -133,6 +135,24 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "index.html"
+
+
+def remove_abandoned_staging(out_dir: Path) -> None:
+    """Staging folders of reports that were killed (their process is gone) are removed; a live one is left."""
+    for folder in out_dir.glob(f"{STAGING}*"):
+        pid = folder.name.removeprefix(STAGING).partition("-")[0]
+        if folder.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def draw_figures(stages: list[StageLogs], out_dir: Path) -> list[Figure]:

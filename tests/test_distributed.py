@@ -319,6 +319,21 @@ def test_a_non_finite_gradient_part_in_one_process_stops_every_process(tmp_path)
     assert raised[1].startswith("step 5: the loss or gradients are NaN/inf (1 tensors, e.g. layers.0.q_proj.lora_A)")
 
 
+def test_bad_data_stops_every_process_with_the_main_process_error_on_top(tiny_recipe, tmp_path):
+    """The main process checks the data while the others wait: they stop quietly, not with a broken-connection
+    traceback printed after its error, and nothing is written."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a"}\n')
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", sft=SFT, dpo=DPO, data={"dpo": {"sources": [{"path": str(bad)}]}})
+    done = subprocess.run(launch_command(recipe, tmp_path / "run"), capture_output=True, text=True, cwd=REPO,
+                          env=child_env(tmp_path / "cache"), timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: cannot tell the row format"), done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_parallel_leaves_the_frozen_weights_out_of_its_first_broadcast(tmp_path):
     """DDP reads the names to ignore from the model when it wraps it: every frozen weight (4-bit stacks included),
     no trainable one."""

@@ -1,6 +1,10 @@
 """The README's set-up and test commands are the ones CI runs, word for word."""
 
+import re
 from pathlib import Path
+from typing import get_args
+
+from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,3 +19,59 @@ def test_ci_runs_the_readme_commands():
     assert commands[0] in shown, f"install command not in README: {commands[0]}"
     assert commands[1] in shown, f"test command not in README: {commands[1]}"
     assert "finetune run recipes/quickstart.yaml" in shown
+
+
+def _reference_rows() -> list[tuple[list[str], list[str]]]:
+    """The recipe reference table: (the key cell's backticked names, every backticked name in the row) per row."""
+    section = (REPO / "README.md").read_text().split("## Recipe reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) > 30, "the recipe reference table was not found"
+    return [(re.findall(r"`([^`]+)`", row.split(" | ")[0]), re.findall(r"`([^`]+)`", row)) for row in rows]
+
+
+def _schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every leaf key of the recipe schema as a dotted path ('stages.beta', 'data.sft.sources.path')."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        sections = _sections(field.annotation)
+        keys |= set().union(*(_schema_keys(s, f"{path}.") for s in sections)) if sections else {path}
+    return keys
+
+
+def _sections(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [section for arg in get_args(annotation) for section in _sections(arg)]
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """README paths write list items as `[]` and either stage's data as `*`."""
+    pattern_parts, parts = pattern.replace("[]", "").split("."), path.split(".")
+    return len(pattern_parts) == len(parts) and all(p in ("*", q) for p, q in zip(pattern_parts, parts))
+
+
+def test_the_recipe_reference_names_every_key_and_no_other():
+    from finetune.recipe.schema import Recipe
+
+    rows = _reference_rows()
+    keys = _schema_keys(Recipe)
+    assert {"stages.beta", "data.sft.sources.path", "model.quantization.quant_type"} <= keys  # the walk goes deep
+
+    def documented(key: str) -> bool:
+        parent, _, name = key.rpartition(".")
+        for key_cell, names in rows:
+            # a row documents keys under its own key's parent, or under its key (a section described in one row)
+            if not any(_matches(k, key) or _matches(k, parent) or _matches(k.rpartition(".")[0], parent)
+                       for k in key_cell):
+                continue
+            if any(n == name or n.endswith(f".{name}") or n.startswith((f"{name}:", f"{name} ")) for n in names):
+                return True
+        return False
+
+    assert [key for key in sorted(keys) if not documented(key)] == []
+    # every key the table's first column names exists (a bare name is its row's first key's sibling)
+    named = [f"{cell[0].rpartition('.')[0]}.{k}".lstrip(".") if "." not in k and "." in cell[0] else k
+             for cell, _ in rows for k in cell]
+    assert [k for k in named if not any(_matches(k, key) or any(_matches(k, key.rsplit(".", depth)[0])
+                                                                 for depth in (1, 2)) for key in keys)] == []

@@ -8,6 +8,7 @@ import base64
 import json
 import re
 import shutil
+import os
 import subprocess
 import sys
 import time
@@ -166,3 +167,11 @@ def test_a_report_killed_midway_leaves_the_previous_one_whole(own_run, tmp_path)
         child.kill()
         child.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".report-")} == before
+    abandoned = [p for p in out.iterdir() if p.name.startswith(f".report-{child.pid}-")]
+    assert abandoned, "the killed report left no staging folder: the kill came too late to test anything"
+    live = out / f".report-{os.getpid()}-drawing"  # a report drawing now, in a process that is alive
+    live.mkdir()
+    write_report(own_run, out)  # the next report removes what the killed one left, not what a live one draws
+    assert [p.name for p in out.iterdir() if p.name.startswith(".report-")] == [live.name]
+    assert {p.name for p in out.iterdir()} - {live.name} == set(before)
+    assert (out / "index.html").read_bytes() != before["index.html"]

@@ -170,4 +170,4 @@ def _reply(row: Mapping, field: str, columns: Mapping[str, str], prompt: list[di
     if role != "assistant":
         reason = "wrong_turn_order" if role in ROLES else "unknown_role"
         raise BadRow(reason, f"'{column}' must be an assistant reply, got role {role!r}")
-    return [{"role": "assistant", "content": messages[0].get("content")}]
+    return [messages[0]]  # as given: the conversation check names any key beyond role and content

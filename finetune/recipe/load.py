@@ -187,7 +187,7 @@ def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[K
         origin = f"{path}:{_nearest_line(loc, lines)}"
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = "unknown key" + _did_you_mean(loc)
+        message = "unknown key" + _did_you_mean(err["loc"])
     elif err["type"] == "missing":
         message = "required key is missing"
     elif err["type"] in ("model_type", "model_attributes_type") and err["input"] is None:
@@ -221,7 +221,8 @@ def _nearest_line(loc: KeyPath, lines: dict[KeyPath, int]) -> int:
     return 1
 
 
-def _did_you_mean(loc: KeyPath) -> str:
+def _did_you_mean(loc: tuple) -> str:
+    """`loc` is pydantic's, with the stage's tag, so that a stage lists its own type's keys."""
     allowed = _allowed_keys(Recipe, loc[:-1])
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else (f"; allowed here: {', '.join(sorted(allowed))}" if allowed else "")
@@ -249,8 +250,15 @@ def _sections(model: type[BaseModel], loc: KeyPath) -> list[type[BaseModel]]:
                     nxt.extend(typing.get_args(t))
                 elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
                     nxt.append(t.model_fields[part].annotation)
+                elif isinstance(t, type) and issubclass(t, BaseModel) and _tagged(t, part):
+                    nxt.append(t)  # pydantic's tag for one member of the stage union
         candidates = nxt
     return [t for c in candidates for t in _unwrap(c) if isinstance(t, type) and issubclass(t, BaseModel)]
+
+
+def _tagged(section: type[BaseModel], tag: object) -> bool:
+    field = section.model_fields.get("type")
+    return field is not None and typing.get_args(field.annotation) == (tag,)
 
 
 def _unwrap(annotation: Any) -> list[Any]:

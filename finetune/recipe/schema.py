@@ -251,6 +251,18 @@ class DataSpec(Section):
     dpo: DPOData | None = Field(None, description="The DPO stage's data: preference rows.")
 
 
+# Warmup rises from learning rate 0, so a stage of one optimizer step with any warmup takes that step at rate 0.
+ONE_STEP_AT_RATE_ZERO = (
+    "{steps}, and with warmup_ratio {ratio} that one step trains at learning rate 0 (warmup starts from 0): the "
+    "adapters would not change. Set warmup_ratio: 0 or lr_scheduler: constant for this stage, or train more steps"
+)
+
+
+def zero_rate_warmup(warmup_ratio: float | None, lr_scheduler: str | None) -> bool:
+    """Whether a one-step stage with these settings takes its step at learning rate 0 ("constant" has no warmup)."""
+    return bool(warmup_ratio) and lr_scheduler not in (None, "constant")
+
+
 class Training(Section):
     """Settings shared by every stage; each stage has its own values."""
 
@@ -288,6 +300,13 @@ class Training(Section):
     )
     eval_steps: PositiveInt | None = None
     router_aux_loss_coef: Annotated[float, Field(ge=0.0)] = 0.02
+
+    @field_validator("max_steps")
+    @classmethod
+    def _one_step_needs_no_warmup(cls, max_steps: int | None, info: ValidationInfo) -> int | None:
+        if max_steps == 1 and zero_rate_warmup(info.data.get("warmup_ratio"), info.data.get("lr_scheduler")):
+            raise ValueError(ONE_STEP_AT_RATE_ZERO.format(steps="max_steps is 1", ratio=info.data["warmup_ratio"]))
+        return max_steps
 
     @field_validator("offload_activations")
     @classmethod

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from finetune import distributed
 from finetune.errors import FinetuneError
-from finetune.recipe.schema import Recipe, Training
+from finetune.recipe.schema import ONE_STEP_AT_RATE_ZERO, Recipe, Training, zero_rate_warmup
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
@@ -75,11 +75,25 @@ def stage_callbacks(recipe: Recipe, stage: Training, stage_dir: Path, dashboards
     from finetune.telemetry import RouterTelemetry
     from finetune.tracking import DashboardLog
 
-    callbacks = [DashboardLog(dashboards)]
+    callbacks = [DashboardLog(dashboards), OneStepWarmupCheck(stage)]
     if recipe.tracking.router_stats:
         every = recipe.tracking.router_stats_steps or stage.logging_steps
         callbacks.append(RouterTelemetry(every, stage_dir, dashboards))
     return callbacks
+
+
+class OneStepWarmupCheck(TrainerCallback):
+    """Stops a stage whose epochs come to one optimizer step that warmup would take at learning rate 0, before it
+    trains (the recipe check catches `max_steps: 1`; the step count from epochs is known only here)."""
+
+    def __init__(self, stage: Training):
+        self.stage = stage
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps == 1 and state.global_step == 0 and zero_rate_warmup(self.stage.warmup_ratio,
+                                                                                self.stage.lr_scheduler):
+            steps = f"the {self.stage.type} stage comes to 1 optimizer step (epochs {self.stage.epochs} over its data)"
+            raise FinetuneError(ONE_STEP_AT_RATE_ZERO.format(steps=steps, ratio=self.stage.warmup_ratio))
 
 
 class MetricsLog(TrainerCallback):

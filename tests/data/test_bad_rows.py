@@ -121,7 +121,9 @@ def test_bad_preference_rows_in_both_modes(tmp_path, make_recipe, tokenizer):
         5: ({"prompt": "hi", "chosen": "a", "rejected": ""}, "empty_message"),
         6: ({"prompt": [{"role": "narrator", "content": "hi"}], "chosen": "a", "rejected": "b"}, "unknown_role"),
         7: ({"prompt": "word " * 100, "chosen": "a", "rejected": "b"}, "too_long"),
-        8: (good, None),
+        8: ({"prompt": "hi", "chosen": [{"role": "assistant", "content": "a", "name": "bob"}], "rejected": "b"},
+            "unexpected_field"),
+        9: (good, None),
     }
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row, _ in lines.values()))
@@ -132,6 +134,7 @@ def test_bad_preference_rows_in_both_modes(tmp_path, make_recipe, tokenizer):
                     tokenizer)
     for line, reason in bad.items():
         assert f"{path}:{line}: {reason}: " in str(info.value)
+    assert f"{path}:8: unexpected_field: 'chosen': message 1: unexpected keys ['name']" in str(info.value)
 
     prepared = prepare_dpo(make_recipe(dpo={"sources": [{"path": str(path)}]}, max_seq_len=64, on_bad_row="drop"),
                            tokenizer)

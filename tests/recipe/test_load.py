@@ -143,6 +143,27 @@ def test_offloading_activations_needs_checkpointing(tmp_path):
     assert load_recipe(QUICKSTART, with_checkpointing).stages[0].offload_activations
 
 
+def test_one_step_with_warmup_is_refused_since_it_trains_at_rate_zero(tmp_path):
+    path = write_one_sft_stage(tmp_path, "max_steps: 1")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert (f"{path}:7: stages.0.max_steps: max_steps is 1, and with warmup_ratio 0.03 that one step trains at "
+            "learning rate 0") in str(info.value)
+    assert "Set warmup_ratio: 0 or lr_scheduler: constant" in str(info.value)
+    for fixed in (["max_steps: 1", "warmup_ratio: 0"], ["max_steps: 1", "lr_scheduler: constant"], ["max_steps: 2"]):
+        load_recipe(write_one_sft_stage(tmp_path, *fixed))
+
+
+def test_an_unknown_stage_key_lists_only_that_stage_types_keys(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_one_sft_stage(tmp_path, "zzz: 1"))
+    hint = str(info.value).split("allowed here: ")[1]
+    assert "learning_rate" in hint and "type" in hint
+    assert "beta" not in hint and "loss_type" not in hint  # DPO's keys
+    with pytest.raises(RecipeError, match=r"stages.1.zzz: unknown key; allowed here: .*\bbeta\b"):
+        load_recipe(QUICKSTART, ["stages.1.zzz=1"])
+
+
 def test_expert_chunks_are_a_positive_count_or_the_kernel_default(tmp_path):
     assert load_recipe(QUICKSTART).stages[0].expert_chunks is None
     assert load_recipe(QUICKSTART, ["stages.1.expert_chunks=4"]).stages[1].expert_chunks == 4

@@ -16,6 +16,8 @@ from finetune.recipe import load_recipe
 from finetune.stages.common import StopSignal, read_metrics
 from finetune.stages.dpo import build_dpo_trainer
 
+QUICKSTART_SFT = Path(__file__).resolve().parents[2] / "data" / "quickstart" / "sft.jsonl"
+
 
 
 def finetune_run(recipe: Path, out: Path, *overrides: str) -> None:
@@ -77,7 +79,7 @@ def test_reference_adapter_is_the_sft_adapter_and_stays_frozen(recipe_path, run_
 def test_router_aux_loss_enters_sft_with_the_recipe_coefficient(recipe_path, run_dir, tmp_path):
     # only SFT's coefficient changes, so its step 1 sees the same weights and batch as the reference run
     finetune_run(recipe_path, tmp_path, "stages.0.router_aux_loss_coef=0.0", "stages.0.max_steps=1",
-                 "stages.1.max_steps=1")
+                 "stages.1.max_steps=1", "stages.0.warmup_ratio=0", "stages.1.warmup_ratio=0")
     with_aux, without = read_metrics(run_dir / "sft")[0], read_metrics(tmp_path / "sft")[0]
     assert with_aux["step"] == without["step"] == 1
     assert with_aux["loss"] - without["loss"] == pytest.approx(0.02 * with_aux["aux_loss"], abs=1e-4)
@@ -90,3 +92,16 @@ def test_router_aux_loss_enters_dpo_with_the_recipe_coefficient(run_dir):
     assert first["step"] == 1 and first["rewards/margins"] == 0.0
     assert first["loss"] - math.log(2) == pytest.approx(0.02 * first["aux_loss"], abs=1e-6)
     assert first["aux_loss"] > 0
+
+
+def test_a_stage_whose_epochs_come_to_one_step_with_warmup_stops_before_it_trains(tiny_recipe, tmp_path, capsys):
+    # two rows at batch size 2: one optimizer step, which warmup (from learning rate 0) would waste
+    rows = tmp_path / "two.jsonl"
+    rows.write_text("".join(QUICKSTART_SFT.read_text().splitlines(keepends=True)[:2]))
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", sft={"warmup_ratio": 0.1},
+                         data={"sft": {"sources": [{"path": str(rows)}]}})
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err
+    assert ("error: the sft stage comes to 1 optimizer step (epochs 1.0 over its data), and with warmup_ratio 0.1 that "
+            "one step trains at learning rate 0") in error
+    assert not list((tmp_path / "run" / "sft").glob("checkpoints/checkpoint-*"))
