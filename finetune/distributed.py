@@ -319,8 +319,8 @@ def barrier() -> None:
 def main_first():
     """The main process runs the block first (filling a cache, building a file), the others after it.
 
-    When the block fails in the main process (bad data, a missing model), the others exit quietly with its exit
-    code, so that its error is the one printed, rather than followed by each waiting process's broken-connection
+    When the block fails in the main process (bad data, a missing model, Ctrl-C), the others exit quietly (code 2),
+    so that its error is the one printed, rather than followed by each waiting process's broken-connection
     traceback from the barrier the main process never reached.
     """
     if not is_main():
@@ -330,8 +330,11 @@ def main_first():
         return
     try:
         yield
-    except Exception:
-        any_process(True)
+    except (Exception, KeyboardInterrupt):  # not GeneratorExit: no collective while the generator is torn down
+        try:
+            any_process(True)
+        except Exception:  # a process already gone: the main process's own error is the one to raise
+            pass
         raise
     any_process(False)
 

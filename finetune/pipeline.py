@@ -32,7 +32,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     from finetune import distributed
     from finetune.data.prepare import prepare
     from finetune.model import resolve_device
-    from finetune.stages.common import StopSignal, refuse_unresumable, stage_finished
+    from finetune.stages.common import StopSignal, refuse_a_step_at_rate_zero, refuse_unresumable, stage_finished
 
     for index, stage in enumerate(recipe.stages):  # a batch that cannot be split fails before anything loads
         distributed.accumulation_per_process(index, stage.batch_size, stage.grad_accum, distributed.world_size())
@@ -52,6 +52,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         to_run = [s.type for s in recipe.stages if not (continuing and stage_finished(run_dir / s.type))]
         with distributed.main_first():  # the main process fills the data cache, the others read it
             prepared = {kind: prepare(recipe, tokenizer, kind) for kind in to_run}
+            for index, stage in enumerate(recipe.stages):
+                if stage.type in prepared:
+                    refuse_a_step_at_rate_zero(index, stage, len(prepared[stage.type].train), distributed.world_size())
         data = {kind: list(p.sources) for kind, p in prepared.items()}
         if continuing:
             refuse_changed_data(recipe, data)

@@ -11,6 +11,7 @@ import html
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from finetune.plots import STAGE_COLORS, drift_heatmap, load_heatmap, new_figure
 from finetune.telemetry import stage_load
 
 STAGES = ("sft", "dpo")
-STAGING = ".report-"  # then the drawing process's id: a killed report's folder is known and removed by the next
+# then `pid@host`, the drawing process: a killed report's folder is known, and removed by the next on that machine
+STAGING = ".report-"
 NOT_PLOTTED = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "train_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "num_tokens",
                "eval_num_tokens"}
@@ -125,7 +127,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
         raise FinetuneError(f"{out_dir}: cannot make the report folder ({e.strerror})") from None
     # drawn aside and moved in only when whole: a report that fails midway leaves the previous one as it was
     remove_abandoned_staging(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}@{socket.gethostname()}-", dir=out_dir))
     try:
         figures = draw_figures(stages, staging)
         (staging / "index.html").write_text(render_html(run_dir, stages, figures), encoding="utf-8")
@@ -138,10 +140,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
 
 
 def remove_abandoned_staging(out_dir: Path) -> None:
-    """Staging folders of reports that were killed (their process is gone) are removed; a live one is left."""
-    for folder in out_dir.glob(f"{STAGING}*"):
-        pid = folder.name.removeprefix(STAGING).partition("-")[0]
-        if folder.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+    """Staging folders of reports killed on this machine (their process is gone) are removed; a live one, or one
+    from another machine sharing the folder, is left."""
+    for folder in out_dir.glob(f"{STAGING}*@*"):
+        pid, _, host = folder.name.removeprefix(STAGING).rpartition("-")[0].partition("@")
+        if folder.is_dir() and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -61,11 +61,13 @@ def test_the_recipe_reference_names_every_key_and_no_other():
     def documented(key: str) -> bool:
         parent, _, name = key.rpartition(".")
         for key_cell, names in rows:
-            # a row documents keys under its own key's parent, or under its key (a section described in one row)
-            if not any(_matches(k, key) or _matches(k, parent) or _matches(k.rpartition(".")[0], parent)
-                       for k in key_cell):
-                continue
-            if any(n == name or n.endswith(f".{name}") or n.startswith((f"{name}:", f"{name} ")) for n in names):
+            # the row's own keys (a bare name is a sibling of the row's first key)
+            if any(_matches(k if "." in k or "." not in key_cell[0] else f"{key_cell[0].rpartition('.')[0]}.{k}", key)
+                   for k in key_cell):
+                return True
+            # a section described in one row names its keys in the row (`model.quantization`, `data.*.sources[]`)
+            if parent and any(_matches(k, parent) for k in key_cell) and any(
+                    n == name or n.startswith((f"{name}:", f"{name} ")) for n in names):
                 return True
         return False
 

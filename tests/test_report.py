@@ -6,9 +6,10 @@ routing_drift.json, manifest.json), so the report is checked without training an
 
 import base64
 import json
+import os
 import re
 import shutil
-import os
+import socket
 import subprocess
 import sys
 import time
@@ -167,11 +168,13 @@ def test_a_report_killed_midway_leaves_the_previous_one_whole(own_run, tmp_path)
         child.kill()
         child.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".report-")} == before
-    abandoned = [p for p in out.iterdir() if p.name.startswith(f".report-{child.pid}-")]
+    abandoned = [p for p in out.iterdir() if p.name.startswith(f".report-{child.pid}@{socket.gethostname()}-")]
     assert abandoned, "the killed report left no staging folder: the kill came too late to test anything"
-    live = out / f".report-{os.getpid()}-drawing"  # a report drawing now, in a process that is alive
-    live.mkdir()
-    write_report(own_run, out)  # the next report removes what the killed one left, not what a live one draws
-    assert [p.name for p in out.iterdir() if p.name.startswith(".report-")] == [live.name]
-    assert {p.name for p in out.iterdir()} - {live.name} == set(before)
+    # reports drawing now: in a process of this machine that is alive, and on another machine sharing the folder
+    others = {f".report-{os.getpid()}@{socket.gethostname()}-drawing", f".report-{child.pid}@elsewhere-drawing"}
+    for name in others:
+        (out / name).mkdir()
+    write_report(own_run, out)  # the next report removes what the killed one left, not what the others draw
+    assert {p.name for p in out.iterdir() if p.name.startswith(".report-")} == others
+    assert {p.name for p in out.iterdir()} - others == set(before)
     assert (out / "index.html").read_bytes() != before["index.html"]

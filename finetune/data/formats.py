@@ -78,7 +78,7 @@ def preference_messages(row: Mapping, columns: Mapping[str, str]) -> tuple[list[
     prompt = _turns(row, "prompt", columns, "user")
     chosen = _reply(row, "chosen", columns, prompt)
     rejected = _reply(row, "rejected", columns, prompt)
-    if chosen == rejected:
+    if _given(chosen) == _given(rejected):
         raise BadRow("identical_pair", "'chosen' and 'rejected' are the same reply: the pair teaches nothing")
     return _with_system(row, columns, prompt), chosen, rejected
 
@@ -157,7 +157,7 @@ def _reply(row: Mapping, field: str, columns: Mapping[str, str], prompt: list[di
     """One assistant message; a whole conversation that repeats the prompt is cut down to its reply."""
     messages = _turns(row, field, columns, "assistant")
     column = _column(field, columns)
-    if messages[: len(prompt)] == prompt:
+    if _given(messages[: len(prompt)]) == _given(prompt):
         messages = messages[len(prompt):]
     if not messages:
         raise BadRow("missing_field", f"'{column}' holds the prompt but no reply")
@@ -171,3 +171,9 @@ def _reply(row: Mapping, field: str, columns: Mapping[str, str], prompt: list[di
         reason = "wrong_turn_order" if role in ROLES else "unknown_role"
         raise BadRow(reason, f"'{column}' must be an assistant reply, got role {role!r}")
     return [messages[0]]  # as given: the conversation check names any key beyond role and content
+
+
+def _given(messages: list) -> list:
+    """Messages without the keys datasets fill with None (a Parquet or hub column of messages holds the union of
+    every row's keys), for comparing what two of them say."""
+    return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]

@@ -42,6 +42,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     text = _read_text(path)
     data, lines, problems = _parse_yaml(text, path)
+    data = _unshared(data)
     parsed = [_parse_override(o, str(path)) for o in overrides]
     for o in parsed:
         _apply(data, o, str(path))
@@ -49,8 +50,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         origins = {o.path: o.text for o in parsed}
-        # a key YAML read as true/false/a number is already in problems, with its line
-        errors = [err for err in e.errors() if not (problems and err["type"] == "invalid_key")]
+        # _check_keys named every key of the file that YAML reads as true/false/a number, with its line
+        errors = [err for err in e.errors()
+                  if not (err["type"] == "invalid_key" and _override(_data_loc(err["loc"]), origins) is None)]
         problems += [_explain(err, path, lines, origins) for err in errors]
     if problems:
         raise RecipeError(str(path), problems)
@@ -81,7 +83,7 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[s
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        problems = _check_keys(node, (), path) if node is not None else []
+        problems = _check_keys(node, (), path, {}) if node is not None else []
         lines: dict[KeyPath, int] = {}
         if node is not None:
             _record_lines(node, (), lines)  # before constructing, which flattens merge keys (<<) into the node
@@ -90,8 +92,13 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[s
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(str(path), [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        where = f"{path}:{loader.get_mark().line + 1}"
+        raise RecipeError(str(path), [f"{where}: nested too deeply to read"]) from None
     finally:
         loader.dispose()
+    if data is None:
+        raise RecipeError(str(path), [f"{path}:1: the recipe is empty: give its keys"])
     if not isinstance(data, dict):
         raise RecipeError(str(path), [f"{path}:1: a recipe is a mapping of keys, got {type(data).__name__}"])
     return data, lines, problems
@@ -99,11 +106,25 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[s
 
 # how a key that YAML 1.1 does not read as a string was read
 KEY_TYPES = {"tag:yaml.org,2002:bool": "the boolean {value}", "tag:yaml.org,2002:null": "null",
-             "tag:yaml.org,2002:int": "a number", "tag:yaml.org,2002:float": "a number"}
+             "tag:yaml.org,2002:int": "a number", "tag:yaml.org,2002:float": "a number",
+             "tag:yaml.org,2002:timestamp": "a date"}
+MERGE = "tag:yaml.org,2002:merge"  # '<<: *anchor' copies another mapping's keys in, which this mapping may override
 
 
-def _check_keys(node: yaml.Node, prefix: KeyPath, path: Path) -> list[str]:
-    """Keys given twice (YAML keeps the last silently) and keys that YAML reads as something other than a word."""
+def _check_keys(node: yaml.Node, prefix: KeyPath, path: Path, walked: dict[int, KeyPath | None]) -> list[str]:
+    """Keys given twice (YAML keeps the last silently) and keys that YAML reads as something other than a word.
+
+    An anchored mapping is checked once, where it is written, however often an alias repeats it; `walked` maps
+    each node checked to its key path while it is being checked (an alias to it then would make it contain itself).
+    """
+    if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        return []
+    if walked.get(id(node)) is not None:
+        raise RecipeError(str(path), [f"{path}:{node.start_mark.line + 1}: {_dotted(walked[id(node)])}: an alias "
+                                      f"at {_dotted(prefix)} repeats this inside itself, which never ends"])
+    if id(node) in walked:
+        return []
+    walked[id(node)] = prefix
     problems: list[str] = []
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
@@ -113,9 +134,12 @@ def _check_keys(node: yaml.Node, prefix: KeyPath, path: Path) -> list[str]:
                 problems.append(f"{path}:{line}: {_dotted(prefix)}: a key must be a plain word, not a list or mapping")
                 continue
             dotted = _dotted(prefix + (key.value,))
-            if key.tag == "tag:yaml.org,2002:merge":
-                pass  # '<<: *anchor' copies another mapping's keys in, which this mapping may then override
-            elif key.tag != "tag:yaml.org,2002:str":
+            if key.tag == MERGE:
+                # the merged mappings' keys land in this mapping, so they are named from here
+                for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                    problems += _check_keys(source, prefix, path, walked)
+                continue
+            if key.tag != "tag:yaml.org,2002:str":
                 read_as = KEY_TYPES.get(key.tag, key.tag).format(value=str(yaml.safe_load(key.value)).lower())
                 problems.append(f"{path}:{line}: {dotted}: YAML reads the key {key.value!r} as {read_as}, not a "
                                 f"word: quote it ('{key.value}':)")
@@ -124,10 +148,11 @@ def _check_keys(node: yaml.Node, prefix: KeyPath, path: Path) -> list[str]:
                                 "YAML would keep only the last")
             else:
                 seen[key.value] = line
-            problems += _check_keys(value, prefix + (key.value,), path)
-    elif isinstance(node, yaml.SequenceNode):
+            problems += _check_keys(value, prefix + (key.value,), path, walked)
+    else:
         for i, item in enumerate(node.value):
-            problems += _check_keys(item, prefix + (i,), path)
+            problems += _check_keys(item, prefix + (i,), path, walked)
+    walked[id(node)] = None
     return problems
 
 
@@ -138,14 +163,39 @@ def _dotted(loc: KeyPath) -> str:
 def _record_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
     lines[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode):
-                continue  # reported by _check_keys
+        for key, value in _merged_pairs(node):
             _record_lines(value, prefix + (key.value,), lines)
             lines[prefix + (key.value,)] = key.start_mark.line + 1  # the key's line, not its value's
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _record_lines(item, prefix + (i,), lines)
+
+
+def _merged_pairs(node: yaml.MappingNode) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+    """The mapping's keys as YAML reads them: its own, then those merged in (<<) that it does not give itself.
+
+    A merged key keeps the node where it is written, so that its problems name that line.
+    """
+    own = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.tag != MERGE]
+    given = {k.value for k, _ in own}
+    merged = []
+    for key, value in node.value:
+        if key.tag != MERGE:
+            continue
+        for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+            if isinstance(source, yaml.MappingNode):  # the first mapping to give a key wins, as in YAML
+                merged += [(k, v) for k, v in _merged_pairs(source) if k.value not in given]
+                given |= {k.value for k, _ in merged}
+    return own + merged
+
+
+def _unshared(value: Any) -> Any:
+    """A copy where no two places hold one object: an alias repeats its anchor's, and an override must change one."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 def _parse_override(text: str, source: str) -> Override:
@@ -166,7 +216,7 @@ def _apply(data: dict, override: Override, source: str) -> None:
         if isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            node = node.setdefault(str(part), {})  # a digit names a list item; a mapping's keys are words
         else:
             where = ".".join(map(str, override.path[: i + 1]))
             raise RecipeError(source, [f"override '{override.text}': {where} does not exist"])
@@ -176,15 +226,13 @@ def _apply(data: dict, override: Override, source: str) -> None:
     last = override.path[-1]
     if isinstance(node, list) and not (isinstance(last, int) and last < len(node)):
         raise RecipeError(source, [f"override '{override.text}': index {last} is out of range"])
-    node[last] = override.value
+    node[last if isinstance(node, list) else str(last)] = override.value
 
 
 def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[KeyPath, str]) -> str:
     loc = _data_loc(err["loc"])
     dotted = _dotted(loc)
-    origin = next((f"override '{t}'" for p, t in overrides.items() if loc[: len(p)] == p), None)
-    if origin is None:
-        origin = f"{path}:{_nearest_line(loc, lines)}"
+    origin = _override(loc, overrides) or f"{path}:{_nearest_line(loc, lines)}"
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key" + _did_you_mean(err["loc"])
@@ -197,6 +245,12 @@ def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[K
     elif err["type"] == "finite_number":
         message = f"must be a finite number, got {err['input']}"
     return f"{origin}: {dotted}: {message}"
+
+
+def _override(loc: KeyPath, overrides: dict[KeyPath, str]) -> str | None:
+    """The override that set the value at loc, if one did; keys compare as text ('1' in lora.1=x is a key)."""
+    text = tuple(map(str, loc))
+    return next((f"override '{t}'" for p, t in overrides.items() if text[: len(p)] == tuple(map(str, p))), None)
 
 
 def _empty_section(loc: KeyPath) -> str:

@@ -342,8 +342,9 @@ class ExportSpec(Section):
     )
     max_shard_size: str = Field("5GB", pattern=f"(?i)^{SIZE}$", description="e.g. 5GB, 500MB")
     verify_tolerance: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="Largest allowed |logit difference| between the export and base+adapter; "
-                          "default by dtype: float32 1e-3, bfloat16 0.25, float16 0.05."
+        None, description="Largest allowed |logit difference| between the export and base+adapter; default: "
+                          "1e-3 in float32, and in 16 bits 0.35 x the largest logit change the adapter makes (the "
+                          "export must keep at least 65% of it)."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -75,25 +76,30 @@ def stage_callbacks(recipe: Recipe, stage: Training, stage_dir: Path, dashboards
     from finetune.telemetry import RouterTelemetry
     from finetune.tracking import DashboardLog
 
-    callbacks = [DashboardLog(dashboards), OneStepWarmupCheck(stage)]
+    callbacks = [DashboardLog(dashboards)]
     if recipe.tracking.router_stats:
         every = recipe.tracking.router_stats_steps or stage.logging_steps
         callbacks.append(RouterTelemetry(every, stage_dir, dashboards))
     return callbacks
 
 
-class OneStepWarmupCheck(TrainerCallback):
-    """Stops a stage whose epochs come to one optimizer step that warmup would take at learning rate 0, before it
-    trains (the recipe check catches `max_steps: 1`; the step count from epochs is known only here)."""
+def optimizer_steps(stage: Training, rows: int, processes: int) -> int:
+    """The trainer's step count for a stage of `rows` training rows (transformers' `set_initial_training_values`):
+    max_steps, or the epochs over each process's micro-batches, grad_accum / processes of them a step."""
+    if stage.max_steps:
+        return stage.max_steps
+    batches = math.ceil(rows / (stage.batch_size * processes))
+    per_epoch = max(math.ceil(batches / (stage.grad_accum // processes)), 1)
+    return math.ceil(stage.epochs * per_epoch)
 
-    def __init__(self, stage: Training):
-        self.stage = stage
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.max_steps == 1 and state.global_step == 0 and zero_rate_warmup(self.stage.warmup_ratio,
-                                                                                self.stage.lr_scheduler):
-            steps = f"the {self.stage.type} stage comes to 1 optimizer step (epochs {self.stage.epochs} over its data)"
-            raise FinetuneError(ONE_STEP_AT_RATE_ZERO.format(steps=steps, ratio=self.stage.warmup_ratio))
+def refuse_a_step_at_rate_zero(index: int, stage: Training, rows: int, processes: int) -> None:
+    """A stage whose epochs come to one optimizer step would take it at learning rate 0 with any warmup (the recipe
+    check catches `max_steps: 1`; the step count from epochs needs the data)."""
+    if optimizer_steps(stage, rows, processes) == 1 and zero_rate_warmup(stage.warmup_ratio, stage.lr_scheduler):
+        steps = (f"stages.{index} ({stage.type}): {rows} training rows in global batches of {stage.batch_size} x "
+                 f"{stage.grad_accum} for {stage.epochs} epochs come to 1 optimizer step")
+        raise FinetuneError(ONE_STEP_AT_RATE_ZERO.format(steps=steps, ratio=stage.warmup_ratio))
 
 
 class MetricsLog(TrainerCallback):

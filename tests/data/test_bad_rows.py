@@ -249,3 +249,27 @@ def test_a_bad_preference_message_names_its_field(tmp_path, make_recipe, tokeniz
     columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
     with pytest.raises(DataError, match=r"renamed.jsonl:1: empty_message: 'bad': message 1 \(assistant\)"):
         prepare_dpo(make_recipe(dpo={"sources": [{"path": str(renamed), "columns": columns}]}), tokenizer)
+
+
+def test_preference_messages_compare_by_what_they_say_not_by_the_keys_parquet_fills(tmp_path, make_recipe, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a Parquet column of messages has the union of every row's keys: 'name' is None where a message gave none
+    named = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())]))
+    plain = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    user = {"role": "user", "content": "hi"}
+    table = pa.table({
+        "prompt": pa.array([[user], [user], [user]], plain),
+        "chosen": pa.array([[{"role": "assistant", "content": "same", "name": None}],
+                            # the whole conversation, repeating the prompt
+                            [{**user, "name": None}, {"role": "assistant", "content": "good", "name": None}],
+                            [{"role": "assistant", "content": "fine", "name": None}]], named),
+        "rejected": pa.array([[{"role": "assistant", "content": "same"}], [{"role": "assistant", "content": "bad"}],
+                              [{"role": "assistant", "content": "worse"}]], plain),
+    })
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path)
+    prepared = prepare_dpo(make_recipe(dpo={"sources": [{"path": str(path)}]}, on_bad_row="drop"), tokenizer)
+    assert prepared.stats["sources"][0]["dropped"] == {"identical_pair": 1}
+    assert sorted(row["chosen"][0]["content"] for row in prepared.train) == ["fine", "good"]

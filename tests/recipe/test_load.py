@@ -327,3 +327,112 @@ def test_booleans_are_true_or_false_only(tmp_path):
     with pytest.raises(RecipeError, match=r"data.sft.packing: expected true or false, got 1"):
         load_recipe(QUICKSTART, ["data.sft.packing=1"])
     assert load_recipe(QUICKSTART, ["export.merge=false"]).export.merge is False
+
+
+def test_key_problems_in_the_file_do_not_hide_an_overrides_key_problem(tmp_path):
+    """A duplicate key once hid every "key is not a string" error, an override's included."""
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        lora: {r: 16, r: 64}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+        export:
+          1: x
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["lora.1=4"])
+    problems = info.value.problems
+    assert problems[:2] == [
+        f"{path}:3: lora.r: duplicate key (first on line 3); YAML would keep only the last",
+        f"{path}:9: export.1: YAML reads the key '1' as a number, not a word: quote it ('1':)",
+    ]
+    assert len(problems) == 3 and problems[2].startswith("override 'lora.1=4': lora.1: unknown key; allowed here: ")
+
+
+def test_a_merged_anchor_names_each_problem_once_where_the_key_is_written(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: &model
+          name_or_path: tiny-mixtral
+          on: cpu
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+        stages:
+          - type: sft
+        export:
+          <<: *model
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    allowed = "allowed here: base, dtype, max_shard_size, merge, verify_tolerance"
+    assert info.value.problems == [  # the key `on:` is written once, so it is named once
+        f"{path}:4: model.on: YAML reads the key 'on' as the boolean true, not a word: quote it ('on':)",
+        f"{path}:3: export.name_or_path: unknown key; {allowed}",
+    ]
+
+
+def test_a_stage_anchor_merged_twice_names_its_unknown_key_per_stage_at_its_line(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft: {sources: [{path: data/quickstart/sft.jsonl}]}
+          dpo: {sources: [{path: data/quickstart/preference.jsonl}]}
+        stages:
+          - type: sft
+            <<: &training
+              epochz: 1
+          - type: dpo
+            <<: *training
+        """)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [f"{path}:9: stages.0.epochz: unknown key (did you mean 'epochs'?)",
+                                   f"{path}:9: stages.1.epochz: unknown key (did you mean 'epochs'?)"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["stages.1.epochz=2"])
+    assert info.value.problems[1] == "override 'stages.1.epochz=2': stages.1.epochz: unknown key (did you mean 'epochs'?)"
+
+
+def test_an_override_changes_one_use_of_an_alias_only(tmp_path):
+    """An alias shares its anchor's object: an override of source 0 also changed source 1, and blamed the file."""
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft:
+            sources:
+              - &source {path: data/quickstart/sft.jsonl}
+              - *source
+        stages:
+          - type: sft
+        """)
+    recipe = load_recipe(path, ["data.sft.sources.0.weight=3"])
+    assert [s.weight for s in recipe.data.sft.sources] == [3.0, 1.0]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["data.sft.sources.0.weight=-1"])
+    [problem] = info.value.problems
+    assert problem.startswith("override 'data.sft.sources.0.weight=-1': data.sft.sources.0.weight:")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "1: the recipe is empty: give its keys"),
+    ("# nothing yet\n", "1: the recipe is empty: give its keys"),
+    ("- seed\n- model\n", "1: a recipe is a mapping of keys, got list"),
+    ("seed\n", "1: a recipe is a mapping of keys, got str"),
+    ("seed: 1\nmodel:\n\tname_or_path: x\n", "3: not valid YAML: found character '\\t' that cannot start any token"),
+    ("stages: &stages [*stages]\n", "1: stages: an alias at stages.0 repeats this inside itself, which never ends"),
+    ("seed: 1\nexport: &export\n  base: {<<: *export}\n",
+     "2: export: an alias at export.base repeats this inside itself, which never ends"),
+    ("seed: " + "[" * 2000 + "]" * 2000 + "\n", "1: nested too deeply to read"),
+])
+def test_malformed_yaml_is_one_named_problem_not_a_traceback(tmp_path, text, problem):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "finetune.cli", "validate", str(path)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[1:] == [f"  - {path}:{problem}"]

@@ -94,14 +94,18 @@ def test_router_aux_loss_enters_dpo_with_the_recipe_coefficient(run_dir):
     assert first["aux_loss"] > 0
 
 
-def test_a_stage_whose_epochs_come_to_one_step_with_warmup_stops_before_it_trains(tiny_recipe, tmp_path, capsys):
+def test_a_stage_whose_epochs_come_to_one_step_with_warmup_is_refused_before_anything_is_written(tiny_recipe,
+                                                                                                 tmp_path, capsys):
     # two rows at batch size 2: one optimizer step, which warmup (from learning rate 0) would waste
     rows = tmp_path / "two.jsonl"
     rows.write_text("".join(QUICKSTART_SFT.read_text().splitlines(keepends=True)[:2]))
     recipe = tiny_recipe(tmp_path / "recipe.yaml", sft={"warmup_ratio": 0.1},
                          data={"sft": {"sources": [{"path": str(rows)}]}})
     assert main(["run", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 2
-    error = capsys.readouterr().err
-    assert ("error: the sft stage comes to 1 optimizer step (epochs 1.0 over its data), and with warmup_ratio 0.1 that "
-            "one step trains at learning rate 0") in error
-    assert not list((tmp_path / "run" / "sft").glob("checkpoints/checkpoint-*"))
+    assert ("error: stages.0 (sft): 2 training rows in global batches of 2 x 1 for 1.0 epochs come to 1 optimizer "
+            "step, and with warmup_ratio 0.1 that one step trains at learning rate 0") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # the step count is the trainer's: without warmup the stage trains its one step
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'run'}", "stages.0.warmup_ratio=0"]) == 0
+    state = json.loads((tmp_path / "run" / "sft" / "trainer_state.json").read_text())
+    assert state["max_steps"] == state["global_step"] == 1
