@@ -42,14 +42,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     text = _read_text(path)
     data, lines, problems = _parse_yaml(text, path)
-    data = _unshared(data)
     parsed = [_parse_override(o, str(path)) for o in overrides]
-    for o in parsed:
-        _apply(data, o, str(path))
+    created = {o.path: _apply(data, o, str(path)) for o in parsed}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        origins = {o.path: o.text for o in parsed}
+        origins = {o.path: (o.text, created[o.path]) for o in parsed}
         # _check_keys named every key of the file that YAML reads as true/false/a number, with its line
         errors = [err for err in e.errors()
                   if not (err["type"] == "invalid_key" and _override(_data_loc(err["loc"]), origins) is None)]
@@ -80,14 +78,21 @@ def _read_text(path: Path) -> str:
 
 def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[str]]:
     """The recipe's data, the line of every key, and the problems YAML itself lets pass (repeated keys...)."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # reads the whole text at once: a control character fails here
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise RecipeError(str(path), [f"{path}:{line}: not valid YAML: control character #x{e.character:04x} "
+                                      "(YAML allows no such character)"]) from None
     try:
         node = loader.get_single_node()
         problems = _check_keys(node, (), path, {}) if node is not None else []
+        data = loader.construct_document(node) if node is not None else None
         lines: dict[KeyPath, int] = {}
         if node is not None:
-            _record_lines(node, (), lines)  # before constructing, which flattens merge keys (<<) into the node
-        data = loader.construct_document(node) if node is not None else None
+            # after constructing, which flattens merge keys (<<) into the node in the order PyYAML reads them
+            _record_lines(node, (), lines)
+        data = _unshared(data)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -163,30 +168,14 @@ def _dotted(loc: KeyPath) -> str:
 def _record_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
     lines[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        for key, value in _merged_pairs(node):
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # reported by _check_keys
             _record_lines(value, prefix + (key.value,), lines)
             lines[prefix + (key.value,)] = key.start_mark.line + 1  # the key's line, not its value's
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _record_lines(item, prefix + (i,), lines)
-
-
-def _merged_pairs(node: yaml.MappingNode) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
-    """The mapping's keys as YAML reads them: its own, then those merged in (<<) that it does not give itself.
-
-    A merged key keeps the node where it is written, so that its problems name that line.
-    """
-    own = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.tag != MERGE]
-    given = {k.value for k, _ in own}
-    merged = []
-    for key, value in node.value:
-        if key.tag != MERGE:
-            continue
-        for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
-            if isinstance(source, yaml.MappingNode):  # the first mapping to give a key wins, as in YAML
-                merged += [(k, v) for k, v in _merged_pairs(source) if k.value not in given]
-                given |= {k.value for k, _ in merged}
-    return own + merged
 
 
 def _unshared(value: Any) -> Any:
@@ -202,7 +191,7 @@ def _parse_override(text: str, source: str) -> Override:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RecipeError(source, [f"override '{text}': expected key.sub=value"])
-    path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    path = tuple(int(p) if p.isascii() and p.isdigit() else p for p in key.strip().split("."))
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -210,12 +199,16 @@ def _parse_override(text: str, source: str) -> Override:
     return Override(path, value, text)
 
 
-def _apply(data: dict, override: Override, source: str) -> None:
+def _apply(data: dict, override: Override, source: str) -> KeyPath:
+    """Set the override's value; return the shortest path it added (its own path when it added no section)."""
     node: Any = data
+    created = override.path
     for i, part in enumerate(override.path[:-1]):
         if isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         elif isinstance(node, dict):
+            if str(part) not in node and created == override.path:
+                created = override.path[: i + 1]
             node = node.setdefault(str(part), {})  # a digit names a list item; a mapping's keys are words
         else:
             where = ".".join(map(str, override.path[: i + 1]))
@@ -227,10 +220,13 @@ def _apply(data: dict, override: Override, source: str) -> None:
     if isinstance(node, list) and not (isinstance(last, int) and last < len(node)):
         raise RecipeError(source, [f"override '{override.text}': index {last} is out of range"])
     node[last if isinstance(node, list) else str(last)] = override.value
+    return created
 
 
 def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[KeyPath, str]) -> str:
     loc = _data_loc(err["loc"])
+    if err["type"] == "union_tag_invalid":  # pydantic names the stage; the bad value is its type key's
+        loc += ("type",)
     dotted = _dotted(loc)
     origin = _override(loc, overrides) or f"{path}:{_nearest_line(loc, lines)}"
     message = err["msg"].removeprefix("Value error, ")
@@ -240,6 +236,8 @@ def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[K
         message = "required key is missing"
     elif err["type"] in ("model_type", "model_attributes_type") and err["input"] is None:
         message = _empty_section(loc)
+    elif err["type"] == "union_tag_invalid":
+        message = f"expected {err['ctx']['expected_tags']}, got {err['ctx']['tag']!r}"
     elif err["type"] == "bool_type":
         message = f"expected true or false, got {err['input']!r}"
     elif err["type"] == "finite_number":
@@ -247,10 +245,14 @@ def _explain(err: dict, path: Path, lines: dict[KeyPath, int], overrides: dict[K
     return f"{origin}: {dotted}: {message}"
 
 
-def _override(loc: KeyPath, overrides: dict[KeyPath, str]) -> str | None:
-    """The override that set the value at loc, if one did; keys compare as text ('1' in lora.1=x is a key)."""
+def _override(loc: KeyPath, overrides: dict) -> str | None:
+    """The override that set the value at loc, or added the section at loc; keys compare as text."""
     text = tuple(map(str, loc))
-    return next((f"override '{t}'" for p, t in overrides.items() if text[: len(p)] == tuple(map(str, p))), None)
+    for p, (t, created) in overrides.items():
+        p, c = tuple(map(str, p)), tuple(map(str, created))
+        if text[: len(p)] == p or (p[: len(text)] == text and text[: len(c)] == c):
+            return f"override '{t}'"
+    return None
 
 
 def _empty_section(loc: KeyPath) -> str:
@@ -275,11 +277,21 @@ def _nearest_line(loc: KeyPath, lines: dict[KeyPath, int]) -> int:
     return 1
 
 
+ARTICLE = {"sft": "an", "dpo": "a"}
+
+
 def _did_you_mean(loc: tuple) -> str:
     """`loc` is pydantic's, with the stage's tag, so that a stage lists its own type's keys."""
     allowed = _allowed_keys(Recipe, loc[:-1])
+    if len(loc) == 4 and loc[0] == "stages" and loc[2] in STAGE_TYPES:  # a key of another stage type
+        owners = [t for t in STAGE_TYPES if t != loc[2] and loc[-1] in _allowed_keys(Recipe, (*loc[:2], t))]
+        if owners:
+            others = " or ".join(f"{ARTICLE[owner]} {owner}" for owner in owners)
+            return f" for {ARTICLE[loc[2]]} {loc[2]} stage (only {others} stage has it)"
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else (f"; allowed here: {', '.join(sorted(allowed))}" if allowed else "")
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f"; allowed here: {', '.join(sorted(allowed))}" if allowed else ""
 
 
 def _required(loc: KeyPath) -> bool:

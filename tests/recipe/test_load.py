@@ -90,8 +90,10 @@ def test_stage_order_and_unknown_stage(tmp_path):
         """)
     with pytest.raises(RecipeError, match="sft must come first"):
         load_recipe(write(tmp_path, base + "  - type: dpo\n  - type: sft\n"))
-    with pytest.raises(RecipeError, match=r"stages.0: .*'sft', 'dpo'"):
+    with pytest.raises(RecipeError, match=r":7: stages.0.type: expected 'sft', 'dpo', got 'ppo'$"):
         load_recipe(write(tmp_path, base + "  - type: ppo\n"))
+    with pytest.raises(RecipeError, match=r"override 'stages.0.type=ppo': stages.0.type: expected 'sft', 'dpo'"):
+        load_recipe(write(tmp_path, base + "  - type: sft\n"), ["stages.0.type=ppo"])
 
 
 def test_overrides_apply_and_are_validated():
@@ -428,6 +430,10 @@ def test_an_override_changes_one_use_of_an_alias_only(tmp_path):
     ("seed: 1\nexport: &export\n  base: {<<: *export}\n",
      "2: export: an alias at export.base repeats this inside itself, which never ends"),
     ("seed: " + "[" * 2000 + "]" * 2000 + "\n", "1: nested too deeply to read"),
+    # each alias repeats its anchor's nesting: deeper than the parser itself ever goes
+    ("junk:\n  a: &a " + "[" * 300 + "x" + "]" * 300 + "\n  b: " + "[" * 300 + "*a" + "]" * 300 + "\n",
+     "4: nested too deeply to read"),
+    ("seed: 1\x07\n", "1: not valid YAML: control character #x0007 (YAML allows no such character)"),
 ])
 def test_malformed_yaml_is_one_named_problem_not_a_traceback(tmp_path, text, problem):
     path = tmp_path / "recipe.yaml"
@@ -436,3 +442,41 @@ def test_malformed_yaml_is_one_named_problem_not_a_traceback(tmp_path, text, pro
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[1:] == [f"  - {path}:{problem}"]
+
+
+def test_a_merged_key_is_named_at_the_line_of_the_value_yaml_kept(tmp_path):
+    path = write(tmp_path, """\
+        output_dir: runs/x
+        model: {name_or_path: tiny-mixtral}
+        data:
+          sft:
+            sources:
+              - &first {path: data/quickstart/sft.jsonl,
+                        weight: -1}
+              - &second {path: data/quickstart/sft.jsonl,
+                         weight: -2}
+              - {<<: [*first, *second]}
+        stages:
+          - type: sft
+        """)
+    import yaml
+
+    kept = yaml.safe_load(path.read_text())["data"]["sft"]["sources"][2]["weight"]  # the installed PyYAML's choice
+    line = {-1: 7, -2: 9}[kept]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert any(p.startswith(f"{path}:{line}: data.sft.sources.2.weight:") for p in info.value.problems), info.value
+
+
+def test_an_override_that_adds_a_section_is_named_for_it():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(QUICKSTART, ["lorra.r=8", "export.merge=false"])
+    assert info.value.problems == ["override 'lorra.r=8': lorra: unknown key (did you mean 'lora'?)"]
+    with pytest.raises(RecipeError, match="override 'lora.\u00b2=8': lora.\u00b2: unknown key"):
+        load_recipe(QUICKSTART, ["lora.\u00b2=8"])  # a digit to str.isdigit, not a list index
+
+
+def test_a_key_of_the_other_stage_type_says_which_stage_has_it(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_one_sft_stage(tmp_path, "loss_type: ipo"))
+    assert str(info.value).endswith("stages.0.loss_type: unknown key for an sft stage (only a dpo stage has it)")
