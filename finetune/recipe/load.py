@@ -86,13 +86,13 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[s
                                       "(YAML allows no such character)"]) from None
     try:
         node = loader.get_single_node()
-        problems = _check_keys(node, (), path, {}) if node is not None else []
-        data = loader.construct_document(node) if node is not None else None
+        if node is None:
+            raise RecipeError(str(path), [f"{path}:1: the recipe is empty: give its keys"])
+        problems = _check_keys(node, (), path, {})
+        data = _unshared(loader.construct_document(node))
         lines: dict[KeyPath, int] = {}
-        if node is not None:
-            # after constructing, which flattens merge keys (<<) into the node in the order PyYAML reads them
-            _record_lines(node, (), lines)
-        data = _unshared(data)
+        # after constructing, which flattens merge keys (<<) into the node in the order PyYAML reads them
+        _record_lines(node, (), lines)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -102,8 +102,6 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict, dict[KeyPath, int], list[s
         raise RecipeError(str(path), [f"{where}: nested too deeply to read"]) from None
     finally:
         loader.dispose()
-    if data is None:
-        raise RecipeError(str(path), [f"{path}:1: the recipe is empty: give its keys"])
     if not isinstance(data, dict):
         raise RecipeError(str(path), [f"{path}:1: a recipe is a mapping of keys, got {type(data).__name__}"])
     return data, lines, problems
