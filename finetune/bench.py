@@ -7,7 +7,8 @@
 Both paths: the model built directly in 4-bit (NF4, double quantization), LoRA r=16 (alpha 32) on q/k/v/o and
 on every expert's w1/w2/w3, gradient checkpointing, batch 1, AdamW, a bf16 model run under bf16 autocast as
 the trainer runs it (`as_trained`); tokens/s is seq / median step time over
-`--steps` steps after `--warmup`, peak is torch.cuda.max_memory_allocated over those steps (weights included),
+`--steps` steps after `--warmup` (both paths the same tokens), peak is torch.cuda.max_memory_allocated over the
+warm-up and timed steps (weights included; reserved: what the caching allocator held, max_memory_reserved),
 host s (GPU) the median time until the host had issued a step's last kernel (well under step s: GPU-bound).
   fast:  QuantizedExperts + the grouped kernel, the chunked cross-entropy, 8-bit AdamW states (GPU, --full-shape;
          `finetune.optimizers.AdamW8bit`, the recipe's `adamw_8bit`).
@@ -82,6 +83,7 @@ class Row:
     # and the kernels bound the step. Near it: the host bound it, or CUDA's launch queue was full and held the host
     # back (the profile's CPU and GPU times tell which).
     host_s: float | None = None
+    reserved_gib: float | None = None
 
 
 # ---------------------------------------------------------------- models
@@ -433,12 +435,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int,
-               warmup: int) -> tuple[float, float | None, float | None, float]:
-    """(median step seconds, median host seconds or None on CPU, peak GiB or None on CPU, last loss) over `steps`
-    after `warmup` steps. Host seconds: until the step's last kernel was issued, before waiting for the GPU."""
+def _tokens(peft_model, seq: int) -> torch.Tensor:
+    """The same random tokens for every path at a length: the routing (how many tokens each expert gets, which the
+    naive loop's time depends on) and the loss column then compare like with like."""
     device = next(peft_model.parameters()).device
-    ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
+    gen = torch.Generator(device).manual_seed(seq)
+    return torch.randint(0, peft_model.config.vocab_size, (1, seq), generator=gen, device=device)
+
+
+def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int,
+               warmup: int) -> tuple[float, float | None, tuple[float, float] | None, float]:
+    """(median step seconds, median host seconds or None on CPU, (peak allocated, peak reserved) GiB or None on CPU,
+    last loss) over `steps` after `warmup` steps. Host seconds: until the step's last kernel was issued, before
+    waiting for the GPU."""
+    device = next(peft_model.parameters()).device
+    ids = _tokens(peft_model, seq)
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -458,7 +469,8 @@ def time_steps(peft_model, loss_fn: Callable, optimizer, seq: int, steps: int,
             issued.append(launched - started)
     if device.type != "cuda":  # nothing runs ahead of the host: its time is the step's
         return statistics.median(times), None, None, loss.item()
-    return statistics.median(times), statistics.median(issued), torch.cuda.max_memory_allocated(device) / GIB, loss.item()
+    peak = torch.cuda.max_memory_allocated(device) / GIB, torch.cuda.max_memory_reserved(device) / GIB
+    return statistics.median(times), statistics.median(issued), peak, loss.item()
 
 
 def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup: int, note: str, log) -> list[Row]:
@@ -466,9 +478,11 @@ def measure(peft_model, loss_fn, optimizer, label: str, seqs, steps: int, warmup
     for seq in seqs if steps else ():  # --steps 0: no timing (e.g. only --memory)
         try:
             step_s, host_s, peak, loss = time_steps(peft_model, loss_fn, optimizer, seq, steps, warmup)
-            rows.append(Row(label, seq, seq / step_s, step_s, peak, loss, note, host_s))
+            peak_gib, reserved_gib = peak or (None, None)
+            rows.append(Row(label, seq, seq / step_s, step_s, peak_gib, loss, note, host_s, reserved_gib))
         except torch.cuda.OutOfMemoryError as e:  # a path that does not fit is a result, not a crash
             rows.append(Row(label, seq, None, None, None, None, f"out of memory: {str(e)[:80]}"))
+            peft_model.zero_grad(set_to_none=True)  # a half-done backward's gradients would swell the next peak
         log(format_row(rows[-1]))
     return rows
 
@@ -501,14 +515,15 @@ def account_memory(peft_model, loss_fn: Callable, optimizer, label: str, seqs, l
     decoder = peft_model.get_base_model().model
     marks = [(f"layer {i}", layer.input_layernorm) for i, layer in enumerate(decoder.layers)] + [("head", decoder.norm)]
     for seq in seqs:
-        ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), device=device)
-        loss_fn(peft_model, ids).backward()  # a first step creates the optimizer state the accounted one starts with
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        try:
+        ids = _tokens(peft_model, seq)
+        try:  # the first step (which creates the optimizer state the accounted one starts with) may not fit either
+            loss_fn(peft_model, ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
             step = account_step(peft_model, lambda: loss_fn(peft_model, ids), optimizer, marks)
         except torch.cuda.OutOfMemoryError as e:
+            peft_model.zero_grad(set_to_none=True)
             log(f"memory of one {label} step at seq {seq}: out of memory ({str(e)[:80]})")
             continue
         log(f"memory of one {label} step at seq {seq} (live tensors on {device}):\n{step.format()}")
@@ -566,11 +581,12 @@ def format_row(r: Row) -> str:
         return "-" if v is None else format(v, fmt)
 
     return (f"| {r.path} | {r.seq} | {num(r.tokens_per_s, ',.0f')} | {num(r.step_s, '.3f')} | {num(r.host_s, '.3f')} "
-            f"| {num(r.peak_gib, '.2f')} | {num(r.loss, '.4f')} | {r.note} |")
+            f"| {num(r.peak_gib, '.2f')} | {num(r.reserved_gib, '.2f')} | {num(r.loss, '.4f')} | {r.note} |")
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = ["| path | seq | tokens/s | step s | host s | peak GiB | loss | notes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | seq | tokens/s | step s | host s | peak GiB | reserved GiB | loss | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [format_row(r) for r in rows]
     for seq in sorted({r.seq for r in rows}):
         fast = next((r for r in rows if r.path == "fast" and r.seq == seq and r.tokens_per_s), None)
@@ -611,7 +627,19 @@ def traffic_table(tiny: bool, seqs, layers: int | None) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def run(args, log=print) -> tuple[list[Row], CheckResult]:
+def _log(text: str) -> None:
+    print(text, flush=True)  # each row as it is measured: a run stopped by a time limit keeps what it finished
+
+
+def _unless_out_of_memory(what: str, log, diagnose: Callable, *args) -> None:
+    """A diagnostic (profile) that does not fit is said, and the run goes on to the figures still to come."""
+    try:
+        diagnose(*args)
+    except torch.cuda.OutOfMemoryError as e:
+        log(f"{what}: out of memory ({str(e)[:80]})")
+
+
+def run(args, log=_log) -> tuple[list[Row], CheckResult]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     tiny = args.tiny or (device == "cpu" and not args.full_shape)
     dtype = torch.bfloat16 if device == "cuda" or args.full_shape else torch.float32
@@ -624,7 +652,7 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         f"attention {model.config._attn_implementation}; built in 4-bit in {time.perf_counter() - started:.1f} s")
     if device == "cuda":
         log(f"weights resident: {torch.cuda.memory_allocated() / GIB:.2f} GiB")
-    from finetune.moe.quantized_experts import QuantizedExperts, set_expert_chunks
+    from finetune.moe.quantized_experts import QuantizedExperts, set_expert_chunks, set_expert_kernel
 
     set_expert_chunks(model, args.chunks)  # as `stages[].expert_chunks` does in training
     for m in model.modules():
@@ -644,6 +672,7 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
 
             offload = offload_during_forward(peft_model.get_base_model().model, device, log)
         loss_fn = as_trained(fast_loss)
+        set_expert_kernel(peft_model, "grouped")  # what was checked, whatever FINETUNE_EXPERT_KERNEL says
         offloaded = ", layer inputs in host memory" if offload is not None else ""
         report_host_syncs(peft_model, loss_fn, optimizer, args.check_seq, log)
         rows += measure(peft_model, loss_fn, optimizer, "fast", seqs, args.steps, args.warmup,
@@ -651,7 +680,7 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         if args.memory:
             account_memory(peft_model, loss_fn, optimizer, "fast", seqs, log)
         if args.profile and device == "cuda":
-            profile(peft_model, loss_fn, optimizer, max(seqs), log)
+            _unless_out_of_memory("profile", log, profile, peft_model, loss_fn, optimizer, max(seqs), log)
         if isinstance(optimizer, StepInBackward):
             optimizer.remove()
         if offload is not None:
@@ -661,7 +690,8 @@ def run(args, log=print) -> tuple[list[Row], CheckResult]:
         rows += [Row("fast", s, None, None, None, None, "NOT REPORTED: fast kernel failed the reference check") for s in seqs]
         if args.profile and device == "cuda":  # kernel timings only (no tokens/s): to find out why
             optimizer, _ = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], True)
-            profile(peft_model, as_trained(fast_loss), optimizer, max(seqs), log)
+            _unless_out_of_memory("profile", log, profile, peft_model, as_trained(fast_loss), optimizer, max(seqs), log)
+            del optimizer  # its state must not sit in the naive path's memory
     del peft_model, model
     gc.collect()
     if device == "cuda":

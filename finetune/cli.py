@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in output_dir: finished stages are kept, the current one continues "
-                            "from its last complete checkpoint")
+                            "from its last complete checkpoint (a folder without a run starts one)")
     again.add_argument("--overwrite", action="store_true", help="delete output_dir's previous run and start over")
     run.set_defaults(command=cmd_run)
 
@@ -75,14 +75,19 @@ def parser() -> argparse.ArgumentParser:
                                            "alone), then verify the result with stock transformers")
     export.add_argument("run_dir", type=Path, metavar="RUN")
     export.add_argument("--adapter-only", action="store_true", help="write the adapter alone (stock peft format)")
-    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    export.add_argument("--base", choices=["original", "dequantized"], default="original",
-                        help="merge into the base checkpoint's weights, or into the 4-bit weights as trained")
+    # each left out is the run's own recipe setting (export.KEY in RUN/recipe.yaml), so a re-export makes what the
+    # run made; None also lets --adapter-only refuse the two merge settings, which it would not use
+    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="the weights' dtype (default: the run's export.dtype)")
+    export.add_argument("--base", choices=["original", "dequantized"], default=None,
+                        help="merge into the base checkpoint's weights (original), or into the 4-bit weights as "
+                             "trained (default: the run's export.base)")
     export.add_argument("--max-shard-size", type=export_setting("max_shard_size", "a size such as 5GB or 500MB"),
-                        default="5GB", help="largest shard, e.g. 5GB or 500MB, as export.max_shard_size")
+                        default=None, help="largest shard, e.g. 5GB or 500MB (default: the run's export.max_shard_size)")
     export.add_argument("--tolerance", type=export_setting("verify_tolerance", "a finite number > 0"), default=None,
-                        help="largest allowed |logit difference| to base+adapter, > 0 (default by dtype: float32 "
-                             "1e-3; in 16 bits 35%% of how far the adapter moves the logits)")
+                        help="largest allowed |logit difference| to base+adapter, > 0 (default: the run's "
+                             "export.verify_tolerance; unset there, by dtype: float32 1e-3, in 16 bits 35%% of how "
+                             "far the adapter moves the logits)")
     export.add_argument("--out", type=Path, default=None,
                         help="default: RUN/export or RUN/export-adapter; replaced by the new export, so it must be "
                              "new, empty or an earlier export, and (but for those defaults) outside the run folder")
@@ -175,6 +180,8 @@ def cmd_data(args) -> int:
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.stage and getattr(recipe.data, args.stage) is None:  # said before the tokenizer loads
+        raise FinetuneError(f"--stage {args.stage}: {args.recipe} has no data.{args.stage} section")
     from finetune.data.prepare import prepare
     from finetune.data.report import preview
     from finetune.pipeline import load_tokenizer
@@ -214,14 +221,22 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     from finetune.export import RunFiles, export_adapter, export_merged
 
+    if args.adapter_only and (args.base or args.max_shard_size):
+        given = " and ".join(o for o, v in (("--base", args.base), ("--max-shard-size", args.max_shard_size)) if v)
+        raise FinetuneError(f"{given}: settings of the merged export; --adapter-only writes the adapter alone")
     run = RunFiles.read(args.run_dir)
+    given = {"dtype": args.dtype, "base": args.base, "max_shard_size": args.max_shard_size,
+             "verify_tolerance": args.tolerance}
+    if args.adapter_only:
+        del given["base"], given["max_shard_size"]
+    settings = run.export_settings(given)
     if args.adapter_only:
         out = args.out or args.run_dir / "export-adapter"
-        record = export_adapter(run, out, dtype=args.dtype, tolerance=args.tolerance)
+        record = export_adapter(run, out, dtype=settings.dtype, tolerance=settings.verify_tolerance)
     else:
         out = args.out or args.run_dir / "export"
-        record = export_merged(run, out, dtype=args.dtype, base=args.base, max_shard_size=args.max_shard_size,
-                               tolerance=args.tolerance)
+        record = export_merged(run, out, dtype=settings.dtype, base=settings.base,
+                               max_shard_size=settings.max_shard_size, tolerance=settings.verify_tolerance)
     print(f"exported to {out} (verified: max |logit difference| {record['max_abs_logit_difference']:.3g})")
     return 0
 

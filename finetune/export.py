@@ -23,12 +23,13 @@ import math
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, is_disk_error
 from finetune.model import DTYPES
 from finetune.recipe.schema import SIZE
 
@@ -318,6 +319,26 @@ class RunFiles:
             raise FinetuneError(f"{paths['recipe']}: not the recipe a run saves (not a mapping)")
         return cls(run_dir, paths["base_model"], paths["final_adapter"], paths["tokenizer"], recipe)
 
+    def export_settings(self, given: dict):
+        """The export settings (an ExportSpec): each option given on the command line, else the run's own recipe
+        setting (export.KEY), printed with where it came from."""
+        from pydantic import ValidationError
+
+        from finetune.recipe.schema import ExportSpec
+
+        saved = self.recipe.get("export") or {}
+        try:
+            recipe = ExportSpec.model_validate(saved)
+        except ValidationError as e:
+            where = ", ".join(f"export.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise FinetuneError(f"{self.run_dir / 'recipe.yaml'}: {where}") from None
+        chosen = {key: value for key, value in given.items() if value is not None}
+        settings = recipe.model_copy(update=chosen)
+        source = {key: "given" if key in chosen else f"the run's export.{key}" for key in given}
+        print("[export] " + ", ".join(f"{key} {'by dtype' if (v := getattr(settings, key)) is None else v} "
+                                      f"({source[key]})" for key in given))
+        return settings
+
     def quantization(self) -> tuple[str, bool, torch.dtype] | None:
         quant = self.recipe["model"].get("quantization")
         return (quant["quant_type"], quant["double_quant"], DTYPES[self.recipe["model"]["compute_dtype"]]) \
@@ -334,15 +355,14 @@ def default_tolerance(dtype: str, adapter_effect: float) -> float:
 def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: str = "original",
                   max_shard_size: str = "5GB", tolerance: float | None = None) -> dict:
     """Merge, write to a staging folder, verify, then replace out_dir. Returns the verification record."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if base == "dequantized" and run.quantization() is None:
         raise ExportError("--base dequantized: this run trained on unquantized weights; use --base original")
     max_shard_bytes = parse_size(max_shard_size)
     _check_tolerance(tolerance)
     check_out_dir(run.run_dir, out_dir)
-    staging = _staging(out_dir, "merged")
-    try:
+    with _staged(out_dir, "merged") as staging:
         print(f"[export] merging {run.adapter} into the {base} weights of {run.base_model} ({dtype})")
         report = merge(run.base_model, Adapter.read(run.adapter), staging, DTYPES[dtype], max_shard_bytes,
                        trained_on=run.quantization() if base == "dequantized" else None)
@@ -354,19 +374,15 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
         config.dtype = DTYPES[dtype]
         config.save_pretrained(staging)
         _generation_config(run.base_model).save_pretrained(staging)
-        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+        tokenizer = _serving_tokenizer(run.tokenizer)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(run, f"merged into the {base} base weights, {dtype}"))
         reference, effect = reference_logits(run, base, dtype, tokenizer)
         tolerance = default_tolerance(dtype, effect) if tolerance is None else tolerance
         record = verify_export(staging, tokenizer, reference, tolerance)
-        record["adapter_effect"] = effect
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    record.update(base=base, dtype=dtype, merge_peak_bytes_held=report.peak_bytes_held,
-                  bytes_written=report.bytes_written, tensors=report.tensors)
-    (staging / "verification.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record.update(adapter_effect=effect, base=base, dtype=dtype, merge_peak_bytes_held=report.peak_bytes_held,
+                      bytes_written=report.bytes_written, tensors=report.tensors)
+        (staging / "verification.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _replace(staging, out_dir)
     print(f"[export] verified: max |logit difference| {record['max_abs_logit_difference']:.3g} (tolerance "
           f"{record['tolerance']:.3g}); merge held at most {report.peak_bytes_held / 2**20:.1f} MiB of tensors")
@@ -376,19 +392,17 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
 def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolerance: float | None = None) -> dict:
     """The final adapter alone, in the per-expert naming stock peft loads, its weights cast to dtype."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
 
     _check_tolerance(tolerance)
     check_out_dir(run.run_dir, out_dir)
-    staging = _staging(out_dir, "adapter")
-    try:
+    with _staged(out_dir, "adapter") as staging:
         tensors = load_file(run.adapter / "adapter_model.safetensors")
         save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
                   str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = run.recipe["model"]["name_or_path"]
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+        tokenizer = _serving_tokenizer(run.tokenizer)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(run, f"LoRA adapter only, weights in {dtype}"))
         reference, effect = reference_logits(run, "original", "float32", tokenizer)
@@ -397,9 +411,6 @@ def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolera
         tolerance = default_tolerance(dtype, effect) if tolerance is None else tolerance
         if worst > tolerance:
             raise ExportError(f"{staging}: the {dtype} adapter moves logits by {worst:.3g} (> {tolerance})")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     record = {"max_abs_logit_difference": worst, "tolerance": tolerance, "dtype": dtype, "adapter_effect": effect}
     _replace(staging, out_dir)
     return record
@@ -531,13 +542,33 @@ def _sibling(out_dir: Path, suffix: str) -> Path:
     return out_dir.with_name(out_dir.name + suffix)
 
 
-def _staging(out_dir: Path, kind: str) -> Path:
+@contextmanager
+def _staged(out_dir: Path, kind: str) -> Iterator[Path]:
+    """OUT.partial, marked as an export, for the export to be written in; on any failure it is removed, and a
+    file-system error (a full disk, a folder that cannot be written) becomes a one-line error naming the folder."""
     staging = _sibling(out_dir, ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a killed export's, as check_out_dir made sure
-    staging.mkdir(parents=True)
-    (staging / EXPORT_MARKER).write_text(json.dumps({"made_by": "finetune export", "kind": kind}) + "\n",
-                                         encoding="utf-8")
-    return staging
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # a killed export's, as check_out_dir made sure
+        staging.mkdir(parents=True)
+        (staging / EXPORT_MARKER).write_text(json.dumps({"made_by": "finetune export", "kind": kind}) + "\n",
+                                             encoding="utf-8")
+        yield staging
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(e, FinetuneError) and is_disk_error(e):  # not a missing input file, say
+            raise ExportError(f"export folder {out_dir}: {e}; nothing was replaced") from e
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _serving_tokenizer(folder: Path):
+    """The run's tokenizer, padding on the left as Mixtral's own does: batched generation needs it (training
+    padded on the right)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, padding_side="left")
 
 
 def _replace(staging: Path, out_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,17 +16,37 @@ def load_for_generation(target: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (target / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(target), AutoTokenizer.from_pretrained(target)
+        if not (target / "tokenizer_config.json").is_file():  # a base checkpoint, say: an export holds both
+            raise FinetuneError(f"{target}: has config.json but no tokenizer (tokenizer_config.json); give an "
+                                "export folder, which holds both, or a run folder")
+        with _loading(target):
+            return AutoModelForCausalLM.from_pretrained(target), AutoTokenizer.from_pretrained(target)
     if not (target / "run.json").is_file():
-        raise FinetuneError(f"{target}: neither an export (config.json) nor a finished run folder (run.json)")
+        hint = ("; this is an adapter-only export: give the run folder or a merged export" if
+                (target / "adapter_config.json").is_file() else "")
+        raise FinetuneError(f"{target}: neither an export (config.json) nor a finished run folder (run.json){hint}")
     from peft import PeftModel
 
     from finetune.export import run_record
 
     run = run_record(target)
-    base = AutoModelForCausalLM.from_pretrained(run["base_model"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(run["tokenizer"])
-    return PeftModel.from_pretrained(base, run["final_adapter"]), tokenizer
+    with _loading(target):
+        base = AutoModelForCausalLM.from_pretrained(run["base_model"], dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(run["tokenizer"])
+        return PeftModel.from_pretrained(base, run["final_adapter"]), tokenizer
+
+
+@contextmanager
+def _loading(target: Path):
+    """A damaged folder (a missing or cut-short weights file, a broken config) is the user's to fix: one line
+    naming the folder, with the loader's own first line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"{target}: cannot load the model for generation: {first}") from e
 
 
 def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, stream: bool) -> str:
@@ -59,7 +80,10 @@ def chat(target: Path, system: str | None = None, max_new_tokens: int = 256, tem
     while True:
         print("you> ", end="", flush=True)
         line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        if not line:
+            print(flush=True)  # end of input (Ctrl-D): the shell's prompt starts on its own line
+            return
+        if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
             history = history[:1] if system else []

@@ -6,7 +6,6 @@ records where everything went.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -17,12 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, is_disk_error
 from finetune.recipe import Recipe, dump_recipe
 from finetune.recipe.schema import MIXTRAL_TOKENIZER
-
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-               errno.EEXIST}
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
@@ -44,6 +40,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     with StopSignal() as stop, disk_errors(run_dir):
         check_run_dir(recipe, resume, overwrite)
         continuing = resume and not overwrite
+        if continuing and not (run_dir / "recipe.yaml").is_file() and distributed.is_main():
+            # a scheduler restarts a job with the same command: its first start finds no run, and says so
+            print(f"[resume] no run in {run_dir} yet: starting one")
         if continuing:
             refuse_unresumable([run_dir / s.type for s in recipe.stages if not stage_finished(run_dir / s.type)])
         # every stage's data is read and checked before the folder changes (a bad DPO row found after hours of
@@ -227,15 +226,13 @@ def disk_errors(run_dir: Path):
     """A full disk or an unwritable folder becomes one clear error naming the path, not a library traceback."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        raise FinetuneError(f"cannot write {e.filename or run_dir}: {os.strerror(e.errno)}") from e
     except FinetuneError:
         raise
-    except Exception as e:  # torch and safetensors report failed writes in their own exception types
-        if not any(f"os error {n}" in str(e) or os.strerror(n) in str(e) for n in DISK_ERRNOS):
+    except Exception as e:
+        if not is_disk_error(e):
             raise
+        if isinstance(e, OSError):
+            raise FinetuneError(f"cannot write {e.filename or run_dir}: {os.strerror(e.errno)}") from e
         raise FinetuneError(f"cannot write under {run_dir}: {e}") from e
 
 

@@ -26,6 +26,10 @@ from finetune.telemetry import stage_load
 STAGES = ("sft", "dpo")
 # then `pid@host`, the drawing process: a killed report's folder is known, and removed by the next on that machine
 STAGING = ".report-"
+FIGURES = ("loss.png", "learning_rate.png", "grad_norm.png", "dpo_rewards.png", "eval.png", "router.png")
+STAGE_FIGURES = ("expert_load", "routing_load", "routing_drift")  # each drawn as KIND_STAGE.png
+PAGE_MARK = b"<title>finetune report: "  # in the head of every page written here
+ROUTING_KEYS = ("top_k", "load", "entropy", "aux_loss")
 NOT_PLOTTED = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "train_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "num_tokens",
                "eval_num_tokens"}
@@ -64,11 +68,21 @@ class StageLogs:
         logs.train = {k: _series(v) for k, v in train.items()}
         logs.eval = {k: _series(v) for k, v in evals.items()}
         logs.routing = _jsonl(stage_dir / "routing.jsonl", log)
+        for number, record in enumerate(logs.routing, 1):  # drawn later: a bad record would fail mid-report
+            lacking = [key for key in ROUTING_KEYS if key not in record]
+            if lacking:
+                raise FinetuneError(f"{stage_dir / 'routing.jsonl'}: record {number} (step {record['step']}) lacks "
+                                    f"{', '.join(lacking)}; not a router telemetry record")
         if (stage_dir / "routing_drift.json").is_file():
             logs.drift = _json(stage_dir / "routing_drift.json")
         if (stage_dir / "manifest.json").is_file():
             logs.final_eval = _json(stage_dir / "manifest.json").get("final_eval", {})
+            if not isinstance(logs.final_eval, dict):
+                raise FinetuneError(f"{stage_dir / 'manifest.json'}: final_eval: expected an object of metrics")
         return logs
+
+    def has_values(self) -> bool:
+        return bool(self.train or self.eval or self.routing or self.drift)
 
 
 def _jsonl(path: Path, log: Callable[[str], None]) -> list[dict]:
@@ -76,7 +90,7 @@ def _jsonl(path: Path, log: Callable[[str], None]) -> list[dict]:
     with a note: a killed run is worth a report. A bad line anywhere else is an error."""
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):
@@ -95,9 +109,18 @@ def _jsonl(path: Path, log: Callable[[str], None]) -> list[dict]:
     return records
 
 
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise FinetuneError(f"{path}:{line}: not UTF-8 text, so not a file a run writes") from None
+
+
 def _json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise FinetuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(data, dict):
@@ -114,6 +137,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
     """Draw every figure the run's logs allow into out_dir (default RUN/report); returns the HTML page."""
     run_dir = Path(run_dir)
     stages = [StageLogs.read(run_dir / s, log) for s in STAGES if (run_dir / s / "metrics.jsonl").is_file()]
+    stages = [s for s in stages if s.has_values()]  # a stage killed before its first log has nothing to draw
     if not stages:
         raise FinetuneError(f"{run_dir}: no stage logs (sft/metrics.jsonl, dpo/metrics.jsonl): not a run folder, "
                             "or no stage has logged yet")
@@ -121,6 +145,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
     if out_dir.exists() and not out_dir.is_dir():
         raise FinetuneError(f"{out_dir}: exists and is not a folder; the report is a folder "
                             "(index.html and its figures)")
+    refuse_foreign_files(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -136,7 +161,31 @@ def write_report(run_dir: Path, out_dir: Path | None = None, log: Callable[[str]
         os.replace(staging / "index.html", out_dir / "index.html")  # last: the page appears once it is whole
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    drawn = {figure.path.name for figure in figures}
+    for stale in report_figures() - drawn:  # an earlier report's figure this page does not show
+        (out_dir / stale).unlink(missing_ok=True)
     return out_dir / "index.html"
+
+
+def report_figures() -> set[str]:
+    """Every figure name a report may write."""
+    return {*FIGURES, *(f"{kind}_{stage}.png" for kind in STAGE_FIGURES for stage in STAGES)}
+
+
+def refuse_foreign_files(out_dir: Path) -> None:
+    """A report replaces only an earlier report (or what a killed one left): a folder holding anything else (the
+    run folder, an export, someone's web page) would have its index.html and figures overwritten."""
+    if not out_dir.is_dir():
+        return
+    ours = {"index.html", *report_figures()}
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not p.name.startswith(STAGING))
+    page = out_dir / "index.html"
+    if page.exists() and not (page.is_file() and PAGE_MARK in page.read_bytes()[:512]):
+        foreign.insert(0, "index.html (not a finetune report)")
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise FinetuneError(f"{out_dir}: holds files a report does not write ({', '.join(foreign[:3])}{more}); "
+                            "the report replaces only an earlier report: choose a new or empty folder")
 
 
 def remove_abandoned_staging(out_dir: Path) -> None:

@@ -362,20 +362,20 @@ def dashboard_lines(recipe: Recipe) -> list[str]:
     state = json.loads((run_dir / STATE_FILE).read_text()) if (run_dir / STATE_FILE).is_file() else {"wandb": {}}
     modes = {info["mode"] for info in state["wandb"].values()}
     if "offline" in modes:
-        lines.append(f"wandb (offline)  : upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`")
+        lines.append(f"wandb (offline) : upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`")
     if "online" in modes:
-        lines.append(f"wandb (online)   : project '{recipe.tracking.project}', group "
+        lines.append(f"wandb (online)  : project '{recipe.tracking.project}', group "
                      f"'{run_name(recipe)}-{state['id']}'")
     if "tensorboard" in recipe.tracking.report_to:
-        lines.append(f"tensorboard      : `tensorboard --logdir {run_dir / 'tensorboard'}`")
+        lines.append(f"tensorboard     : `tensorboard --logdir {run_dir / 'tensorboard'}`")
     uri = state.get("mlflow", {}).get("tracking_uri")
     if uri and uri.startswith("sqlite:"):
-        lines.append(f"mlflow (local)   : `mlflow ui --backend-store-uri {uri}` (the UI comes with `pip install "
+        lines.append(f"mlflow (local)  : `mlflow ui --backend-store-uri {uri}` (the UI comes with `pip install "
                      f"mlflow`), experiment '{recipe.tracking.project}'")
     elif uri:
-        lines.append(f"mlflow           : experiment '{recipe.tracking.project}' at {uri}")
+        lines.append(f"mlflow          : experiment '{recipe.tracking.project}' at {uri}")
     if state.get("trackio"):
         store = next(iter(state["trackio"].values()))["dir"]
-        lines.append(f"trackio          : `trackio show --project \"{recipe.tracking.project}\"` (store: {store})")
-    lines.append(f"plots            : `finetune report {run_dir}`")
+        lines.append(f"trackio         : `trackio show --project \"{recipe.tracking.project}\"` (store: {store})")
+    lines.append(f"plots           : `finetune report {run_dir}`")
     return lines

@@ -11,12 +11,19 @@ def test_tiny_bench_prints_fast_and_naive_rows_and_the_ratio(capsys):
     out = capsys.readouterr().out
     assert "-> PASS" in out
     table = out[out.index("| path |"):]
+    header = table.splitlines()[0].split("|")
+    losses = {}
     for path in ("fast", "naive"):
         for seq in (64, 128):
-            row = next(line for line in table.splitlines() if line.startswith(f"| {path} | {seq} |"))
-            tokens_per_s = row.split("|")[3].strip()
-            assert tokens_per_s != "-" and float(tokens_per_s.replace(",", "")) > 0, row
+            row = next(line for line in table.splitlines() if line.startswith(f"| {path} | {seq} |")).split("|")
+            cell = {name.strip(): value.strip() for name, value in zip(header, row)}
+            assert cell["tokens/s"] != "-" and float(cell["tokens/s"].replace(",", "")) > 0, row
+            losses[path, seq] = float(cell["loss"])
     assert "seq 128: fast / naive = " in table
+    # both paths see the same tokens and, one step each, the same model (the adapters start at zero, one update
+    # each before 128): the same loss, where different random tokens differ in the second decimal
+    for seq in (64, 128):
+        assert abs(losses["fast", seq] - losses["naive", seq]) <= 2e-4, losses
 
 
 def test_no_speed_without_a_passing_check(monkeypatch, capsys):
@@ -145,3 +152,74 @@ def test_traffic_prints_each_chunking_and_puts_the_kernel_back(capsys):
     assert [row[2].strip() for row in rows] == ["1", "2", "4"]
     assert len({row[3] for row in rows}) == 1 and float(rows[0][3]) > 4  # about 4.4 TFLOP a layer and step
     assert (grouped._strided_dequantizer, grouped._swiglu_kernels) == launchers
+
+
+def test_rows_reach_a_pipe_as_they_are_measured(tmp_path):
+    """Without PYTHONUNBUFFERED (stdout a pipe, as under `timeout ... | tee`): the first row arrives while the next
+    length is still being measured, so a run stopped by a time limit keeps it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    child = subprocess.Popen([sys.executable, "-m", "finetune.bench", "--tiny", "--cpu", "--seqs", "64,96", "--steps", "1",
+                              "--warmup", "0", "--check-seq", "64", "--layers", "1", "--no-naive"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        seen = []
+        for line in child.stdout:
+            seen.append(line)
+            if line.startswith("| fast | 64 |"):
+                break
+        child.kill()  # as a time limit would, before the next length's step is done
+        rest = child.stdout.read()
+    finally:
+        child.kill()
+        child.wait()
+    assert seen and seen[-1].startswith("| fast | 64 |"), seen
+    assert "| fast | 96 |" not in rest, rest
+
+
+def test_the_timed_fast_path_is_the_checked_grouped_kernel(monkeypatch, capsys):
+    """FINETUNE_EXPERT_KERNEL=reference (a training switch) must not turn the bench's fast rows into the reference
+    loop: the ops one fast step dispatches are the grouped kernel's either way."""
+    def ops(out: str) -> str:
+        return out[out.index("host syncs in one fast"):].split(" ops dispatched")[0].rsplit(" ", 1)[1]
+
+    argv = ["--tiny", "--cpu", "--seqs", "64", "--steps", "0", "--check-seq", "64", "--no-naive"]
+    assert bench.main(argv) == 0
+    grouped = ops(capsys.readouterr().out)
+    monkeypatch.setenv("FINETUNE_EXPERT_KERNEL", "reference")
+    assert bench.main(argv) == 0
+    assert ops(capsys.readouterr().out) == grouped
+
+
+def _out_of_memory_at(seq: int):
+    """The loss of the real fast path, but a step at `seq` tokens runs its backward and then fails as a GPU out of
+    memory would (which a CPU cannot produce): gradients of the failed step are left on the adapter."""
+    def loss_fn(model, ids):
+        loss = bench.fast_loss(model, ids)
+        if ids.shape[1] == seq:
+            loss.backward()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss
+
+    return loss_fn
+
+
+def test_a_length_that_does_not_fit_is_a_row_and_the_others_still_run():
+    model = bench.build_model(tiny=True, device="cpu")
+    peft_model = bench.with_lora(model, naive=False)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer, _ = bench.make_optimizer(params, low_memory=False)
+    loss_fn, logged = _out_of_memory_at(96), []
+    rows = bench.measure(peft_model, loss_fn, optimizer, "fast", [96], 1, 0, "", logged.append)
+    assert rows[0].tokens_per_s is None and rows[0].note.startswith("out of memory: CUDA out of memory")
+    assert all(p.grad is None for p in params)  # the failed step's gradients do not swell the next one's peak
+    # --memory: the step that makes the optimizer state comes first and may not fit either
+    bench.account_memory(peft_model, loss_fn, optimizer, "fast", [96, 64], logged.append)
+    assert logged[1].startswith("memory of one fast step at seq 96: out of memory (CUDA out of memory")
+    assert logged[2].startswith("memory of one fast step at seq 64 (live tensors on cpu):")
+    # --profile: a diagnostic that does not fit is said, and the run goes on
+    bench._unless_out_of_memory("profile", logged.append, loss_fn, peft_model, torch.zeros(1, 96, dtype=torch.long))
+    assert logged[3] == "profile: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"

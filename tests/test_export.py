@@ -4,7 +4,11 @@ import io
 import json
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from finetune.export import (ExportError, RunFiles, _prompts, check_out_dir, exp
                              verify_export)
 from finetune.recipe.schema import LoraSpec, ModelSpec
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +194,31 @@ def test_a_moved_or_copied_run_reads_its_own_files(run, tmp_path, capsys):
                                            f"missing (the run's final adapter, as {moved / 'run.json'} records it)\n")
 
 
+def test_export_takes_the_runs_own_export_settings_unless_given(run, tmp_path, capsys):
+    """`finetune export RUN` makes what the run's recipe says (export.dtype, max_shard_size, ...), not the schema's
+    defaults; an option given wins, and each setting is printed with where it came from."""
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "export*"))
+    saved = yaml.safe_load((copy / "recipe.yaml").read_text())
+    saved["export"].update(dtype="float32", max_shard_size="6MB", verify_tolerance=1e-3)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    out = tmp_path / "export"
+    assert main(["export", str(copy), "--out", str(out), "--base", "dequantized"]) == 0
+    assert ("[export] dtype float32 (the run's export.dtype), base dequantized (given), max_shard_size 6MB (the "
+            "run's export.max_shard_size), verify_tolerance 0.001 (the run's export.verify_tolerance)"
+            in capsys.readouterr().out)
+    assert len(list(out.glob("model-*.safetensors"))) >= 3
+    assert {t.dtype for t in load_file(out / "model-00001-of-00004.safetensors").values()} == {torch.float32}
+    assert json.loads((out / "verification.json").read_text())["base"] == "dequantized"
+
+    saved["export"]["dtype"] = "float8"
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["export", str(copy), "--out", str(out), "--dtype", "float32"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {copy / 'recipe.yaml'}: export.dtype: Input should be")
+
+
 def test_a_broken_run_record_is_a_clear_error(tmp_path, capsys):
     for text, why in [('{"recipe": ', "not the JSON a run writes \\(Expecting value: line 1"),
                       ("{}", "lacks recipe, base_model, tokenizer, final_adapter"), ("[]", "lacks recipe")]:
@@ -222,3 +252,121 @@ def test_bad_export_settings_are_refused_before_any_work(run, tmp_path):
     with pytest.raises(ExportError, match="tolerance 0.0"):
         export_adapter(run, tmp_path / "export", tolerance=0.0)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def float32_export(run, tmp_path_factory):
+    """An export in several shards, made once; tests that change an export work on a copy."""
+    out = tmp_path_factory.mktemp("exports") / "export"
+    export_merged(run, out, dtype="float32", max_shard_size="6MB")
+    return out
+
+
+def child(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=240, cwd=ROOT)
+
+
+STOCK_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model, tokenizer = AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])
+prompts = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = [model.eval()(input_ids=p).logits for p in prompts]
+assert not [m for m in sys.modules if m.split(".")[0] == "finetune"]
+torch.save({"logits": logits, "dtype": str(model.dtype), "padding_side": tokenizer.padding_side,
+            "special": [tokenizer.bos_token, tokenizer.eos_token], "template": tokenizer.chat_template}, sys.argv[3])
+"""
+
+
+def test_the_merged_export_is_a_stock_mixtral_checkpoint(run, float32_export, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, MixtralForCausalLM
+
+    out = float32_export
+    # loaded by a process that never imports finetune: what a serving stack does
+    prompts = _prompts(AutoTokenizer.from_pretrained(run.tokenizer))
+    torch.save(prompts, tmp_path / "prompts.pt")
+    done = child(STOCK_LOAD, out, tmp_path / "prompts.pt", tmp_path / "loaded.pt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32),
+                                      run.adapter)
+    for a, b in zip(loaded["logits"], logits(stock, run)):
+        assert (a - b).abs().max() < 1e-3
+    # batched generation pads on the left, as Mixtral's own tokenizer; the chat template travels with it
+    assert loaded["dtype"] == "torch.float32" and loaded["padding_side"] == "left"
+    assert loaded["special"] == ["<s>", "</s>"] and "[INST]" in loaded["template"]
+
+    # every tensor in exactly one shard, as the index says, under the names stock save_pretrained writes
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    found, total = {}, 0
+    for shard in sorted(out.glob("model-*-of-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                assert key not in found, f"{key} in {found.get(key)} and {shard.name}"
+                found[key] = shard.name
+                tensor = f.get_tensor(key)
+                assert tensor.dtype == torch.float32, key
+                total += tensor.numel() * tensor.element_size()
+    assert index["weight_map"] == found and index["metadata"]["total_size"] == total
+    MixtralForCausalLM(AutoConfig.from_pretrained(run.base_model)).save_pretrained(tmp_path / "stock",
+                                                                                   max_shard_size="6MB")
+    assert set(found) == set(json.loads((tmp_path / "stock" / "model.safetensors.index.json").read_text())[
+        "weight_map"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert config["dtype"] == "float32" and "quantization_config" not in config
+    assert set(config) <= set(json.loads((tmp_path / "stock" / "config.json").read_text()))
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def exported_state(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_killed_export_leaves_the_earlier_one_and_the_next_cleans_up(run, float32_export, tmp_path):
+    out = tmp_path / "export"
+    shutil.copytree(float32_export, out)
+    before = exported_state(out)
+    worker = subprocess.Popen([sys.executable, "-m", "finetune.cli", "export", str(run.run_dir), "--out", str(out),
+                               "--max-shard-size", "1MB"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    partial = tmp_path / "export.partial"
+    deadline = time.monotonic() + 180
+    while worker.poll() is None and not list(partial.glob("shard-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.kill()
+    assert worker.wait() == -signal.SIGKILL  # killed mid-write, not finished
+    assert exported_state(out) == before and list(partial.glob("shard-*"))
+    export_merged(run, out, dtype="float32", max_shard_size="1MB")
+    assert not partial.exists() and len(list(out.glob("model-*.safetensors"))) > 3
+
+
+FULL_DISK = """
+import resource, signal, sys
+from finetune.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_or_unwritable_folder_is_a_clear_error_and_keeps_the_earlier_export(run, float32_export,
+                                                                                       tmp_path, capsys):
+    out = tmp_path / "export"
+    shutil.copytree(float32_export, out)
+    before = exported_state(out)
+    for mode in ([], ["--adapter-only"]):
+        done = child(FULL_DISK, "export", run.run_dir, "--out", out, "--dtype", "float32", *mode)
+        assert done.returncode == 2, done.stderr[-3000:]
+        error = done.stderr.splitlines()[-1]
+        assert error.startswith(f"error: export folder {out}: ") and "too large" in error, error
+        assert error.endswith("; nothing was replaced")
+        assert exported_state(out) == before and not (tmp_path / "export.partial").exists()
+    (tmp_path / "a-file").write_text("not a folder")
+    for mode in ([], ["--adapter-only"]):
+        assert main(["export", str(run.run_dir), "--out", str(tmp_path / "a-file" / "export"), *mode]) == 2
+        assert capsys.readouterr().err.startswith(f"error: export folder {tmp_path / 'a-file' / 'export'}: "
+                                                  "[Errno 20] Not a directory")

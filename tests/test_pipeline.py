@@ -32,6 +32,8 @@ def run_dir(tmp_path_factory) -> Path:
     done = finetune("run", "recipes/quickstart.yaml", f"output_dir={out}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"merged export   : {out / 'export'}" in done.stdout
+    summary = done.stdout.split("=== done in")[1].splitlines()[1:]
+    assert [line.index(":") for line in summary] == [18] * len(summary), summary  # one column, dashboards too
     return out
 
 

@@ -21,7 +21,7 @@ import pytest
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.plots import new_figure
-from finetune.report import StageLogs, write_report
+from finetune.report import StageLogs, report_figures, write_report
 from finetune.report import _plot_series as plot_series
 
 LAYERS, EXPERTS = 3, 8
@@ -74,7 +74,8 @@ def test_every_figure_is_a_png_embedded_in_the_page(run_dir):
     page = write_report(run_dir)
     assert page == run_dir / "report" / "index.html"
     written = {p.name for p in page.parent.glob("*.png")}
-    assert written == FIGURES
+    # report_figures() is what a later report replaces (or refuses as foreign): every figure drawn
+    assert written == FIGURES == report_figures()
     html = page.read_text()
     embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
     assert len(embedded) == len(FIGURES) and all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in embedded)
@@ -133,6 +134,8 @@ def test_a_last_line_cut_short_by_a_killed_run_is_skipped_and_said(own_run, tmp_
     ("sft", "metrics.jsonl", '{"step": 1, "loss": 2.0}\n[1, 2]\n', 'metrics.jsonl:2: not a logged record'),
     ("dpo", "routing_drift.json", '{"tokens": 1,\n "load_base": [}', "routing_drift.json:2: not valid JSON"),
     ("sft", "manifest.json", "", "manifest.json:1: not valid JSON"),
+    ("dpo", "routing.jsonl", '{"step": 1, "tokens": 5}\n', "routing.jsonl: record 1 (step 1) lacks top_k, load"),
+    ("sft", "manifest.json", '{"final_eval": 0.42}', "manifest.json: final_eval: expected an object of metrics"),
 ])
 def test_a_bad_line_elsewhere_is_an_error_naming_file_and_line(own_run, tmp_path, capsys, stage, name, text, where):
     (own_run / stage / name).write_text(text)
@@ -178,3 +181,41 @@ def test_a_report_killed_midway_leaves_the_previous_one_whole(own_run, tmp_path)
     assert {p.name for p in out.iterdir() if p.name.startswith(".report-")} == others
     assert {p.name for p in out.iterdir()} - others == set(before)
     assert (out / "index.html").read_bytes() != before["index.html"]
+
+
+def test_a_log_that_is_not_utf8_is_an_error_naming_file_and_line(own_run, tmp_path, capsys):
+    with (own_run / "sft" / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": 9, "loss": "\xff"}\n')
+    assert main(["report", str(own_run), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == f"error: {own_run / 'sft' / 'metrics.jsonl'}:11: not UTF-8 text, so not a " \
+                                      "file a run writes\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_with_nothing_logged_yet_is_refused_not_an_empty_page(tmp_path, capsys):
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    (tmp_path / "run" / "sft" / "metrics.jsonl").write_text("")  # killed before its first log
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert "no stage has logged yet" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["metrics.jsonl", "sft"]
+
+
+@pytest.mark.parametrize("files", [{"index.html": "<html>my own page</html>"},
+                                   {"config.json": "{}", "model.safetensors": "weights"}])  # an export, say
+def test_an_out_folder_holding_other_files_is_refused_and_kept(run_dir, tmp_path, capsys, files):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    assert main(["report", str(run_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {out}: holds files a report does not write (")
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_new_report_in_an_earlier_ones_folder_leaves_no_figure_of_the_earlier(run_dir, own_run, tmp_path, capsys):
+    out = tmp_path / "r"
+    write_report(run_dir, out)
+    shutil.rmtree(own_run / "dpo")  # the new report has no DPO figures: the earlier ones must not stay beside it
+    assert main(["report", str(own_run), "--out", str(out)]) == 0
+    listed = {Path(line.strip()).name for line in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {p.name for p in out.glob("*.png")} == {n for n in FIGURES if "dpo" not in n}

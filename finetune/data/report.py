@@ -75,9 +75,17 @@ def preview(prepared, tokenizer, count: int, color: bool) -> str:
     """The first `count` training examples, trained tokens marked; packed rows are shown example by example."""
     if count < 1:
         return ""
+    lines, shown = _examples(prepared, tokenizer, count, color)
     legend = "trained tokens in green" if color else f"trained tokens {OPEN}between these marks{CLOSE}"
-    which = "the first training example" if count == 1 else f"the first {count} training examples"
-    lines = [f"[{prepared.stage}] {which} ({legend}):"]
+    which = "the first training example" if shown == 1 else f"the first {shown} training examples"
+    if shown < count:  # --examples asked for more than there are: say so, not "the first 100000"
+        which = "the only training example" if shown == 1 else f"all {shown} training examples"
+    return "\n".join([f"[{prepared.stage}] {which} ({legend}):", *lines])
+
+
+def _examples(prepared, tokenizer, count: int, color: bool) -> tuple[list[str], int]:
+    """The lines that show the first `count` training examples, and how many they show."""
+    lines = []
     rows = prepared.train
     if prepared.stage == "dpo":
         from finetune.data.chat import tokenize_conversation, tokenize_prompt
@@ -90,7 +98,7 @@ def preview(prepared, tokenizer, count: int, color: bool) -> str:
                 ids = tokenize_conversation(row["prompt"] + row[side], tokenizer)["input_ids"]
                 mask = [0] * len(prompt) + [1] * (len(ids) - len(prompt))
                 lines.append(f"  {side}: " + render_trained(ids, mask, tokenizer, color)[len(prompt_text):].lstrip())
-        return "\n".join(lines)
+        return lines, min(count, len(rows))
     shown = 0
     for number, row in enumerate(rows):
         if shown == count:
@@ -101,9 +109,9 @@ def preview(prepared, tokenizer, count: int, color: bool) -> str:
         start = 0
         for length in lengths:
             if shown == count:
-                return "\n".join(lines)
+                return lines, shown
             ids, mask = row["input_ids"][start:start + length], row["completion_mask"][start:start + length]
             lines.append(f"--- example {shown + 1}: {length} tokens, {sum(mask)} trained")
             lines.append(render_trained(ids, mask, tokenizer, color))
             start, shown = start + length, shown + 1
-    return "\n".join(lines)
+    return lines, shown

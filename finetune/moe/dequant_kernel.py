@@ -55,8 +55,9 @@ def make_strided_dequantizer(tile_rows: int = TILE_ROWS, tile_cols: int = TILE_C
         return None
 
     @triton.jit
-    def kernel(data_ptr, scales_ptr, code_ptr, out_ptr, total, groups, rows, cols, out_stride_e, out_stride_r, stride_e,
-               stride_g, stride_r, base, TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    def dequantize_4bit_strided(data_ptr, scales_ptr, code_ptr, out_ptr, total, groups, rows, cols, out_stride_e,
+                                out_stride_r, stride_e, stride_g, stride_r, base, TILE_ROWS: tl.constexpr,
+                                TILE_COLS: tl.constexpr, BLOCKSIZE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS)[:, None]  # of E x G x R
         col = tl.program_id(1).to(tl.int64) * TILE_COLS + tl.arange(0, TILE_COLS)[None, :]
         mask = (row < total) & (col < cols)
@@ -87,11 +88,23 @@ def make_strided_dequantizer(tile_rows: int = TILE_ROWS, tile_cols: int = TILE_C
                              f"{tuple(out.shape)}")
         if not (data.is_contiguous() and scales.is_contiguous()):
             raise ValueError("the data and scales must be contiguous")
+        if len({t.device for t in (data, scales, code, out)}) > 1:
+            raise ValueError(f"data, scales, code and out on different devices: {data.device}, {scales.device}, "
+                             f"{code.device}, {out.device}")
         total = experts * groups * rows
+        if total * cols == 0:
+            return out
+        # the kernel reads unchecked: past the end a GPU faults or reads another tensor's bytes (the interpreter
+        # reads them silently)
+        last = base + sum((n - 1) * s for n, s in zip((experts, groups, rows), strides)) + cols - 1
+        if (min(base, *strides) < 0 or last >= 2 * data.numel() or last // blocksize >= scales.numel()
+                or code.numel() < 16):
+            raise ValueError(f"elements {base}..{last} (strides {strides}) are not all in the {2 * data.numel()} "
+                             f"packed values, {scales.numel()} scales of {blocksize} and {code.numel()} code values")
         grid = (triton.cdiv(total, tile_rows), triton.cdiv(cols, tile_cols))
         with on_its_device(out):
-            kernel[grid](data, scales, code, out, total, groups, rows, cols, stride_e, row_stride, *strides, base,
-                         TILE_ROWS=tile_rows, TILE_COLS=tile_cols, BLOCKSIZE=blocksize)
+            dequantize_4bit_strided[grid](data, scales, code, out, total, groups, rows, cols, stride_e, row_stride,
+                                          *strides, base, TILE_ROWS=tile_rows, TILE_COLS=tile_cols, BLOCKSIZE=blocksize)
         return out
 
     return launch

@@ -204,7 +204,7 @@ def make_triton_swiglu() -> SwigluKernels | None:
         return None
 
     @triton.jit
-    def kernel(h_ptr, d_ptr, dh_ptr, act_ptr, inter, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    def swiglu_fused(h_ptr, d_ptr, dh_ptr, act_ptr, inter, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -220,19 +220,28 @@ def make_triton_swiglu() -> SwigluKernels | None:
 
     block = 1024
 
+    def check(h: torch.Tensor, inter: int, d_act: torch.Tensor | None = None) -> None:
+        # the kernel reads and writes rows of 2 * inter and inter values unchecked: other widths would be read and
+        # written past the ends on a GPU (the interpreter reads past them silently)
+        if h.dim() != 2 or h.shape[1] != 2 * inter or (d_act is not None and d_act.shape != (h.shape[0], inter)):
+            raise ValueError(f"expected [gate | up] of [rows, {2 * inter}] and its d_act of [rows, {inter}], got "
+                             f"{tuple(h.shape)} and {None if d_act is None else tuple(d_act.shape)}")
+
     def forward(h: torch.Tensor, inter: int) -> torch.Tensor:
+        check(h, inter)
         h = h.contiguous()
         act = h.new_empty(h.shape[0], inter)
         with on_its_device(h):
-            kernel[(h.shape[0], triton.cdiv(inter, block))](h, h, h, act, inter, BACKWARD=False, BLOCK=block)
+            swiglu_fused[(h.shape[0], triton.cdiv(inter, block))](h, h, h, act, inter, BACKWARD=False, BLOCK=block)
         return act
 
     def backward(h: torch.Tensor, d_act: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check(h, inter, d_act)
         h = h.contiguous()
         dh, act = torch.empty_like(h), h.new_empty(h.shape[0], inter)
         with on_its_device(h):
-            kernel[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter, BACKWARD=True,
-                                                             BLOCK=block)
+            swiglu_fused[(h.shape[0], triton.cdiv(inter, block))](h, d_act.contiguous(), dh, act, inter,
+                                                                   BACKWARD=True, BLOCK=block)
         return dh, act
 
     return SwigluKernels(forward, backward)

@@ -171,6 +171,8 @@ class DataSource(Section):
             return path
         if not path.endswith(FILE_SUFFIXES):
             raise ValueError(f"cannot tell the file type of {path}: expected one of {', '.join(FILE_SUFFIXES)}")
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a folder, not a data file")
         if not Path(path).is_file():
             raise ValueError(f"no such file: {path} (relative paths are read from {Path.cwd()})")
         return path

@@ -23,6 +23,7 @@ def test_defaults_are_strict_and_unpacked():
 def load(tmp_path, data: str, stages: str = "[{type: sft}]"):
     (tmp_path / "rows.jsonl").write_text("{}\n")
     (tmp_path / "rows.txt").write_text("{}\n")
+    (tmp_path / "folder.jsonl").mkdir(exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(f"output_dir: run\nmodel: {{name_or_path: tiny-mixtral}}\nstages: {stages}\ndata:\n"
                     + textwrap.indent(textwrap.dedent(data), "  "))
@@ -39,6 +40,7 @@ def load(tmp_path, data: str, stages: str = "[{type: sft}]"):
     ("sft: {sources: [{path: rows.jsonl, split: 'train[:x]'}]}", None, "not a split: 'train[:x]'"),
     ("sft: {sources: [{path: rows.jsonl, subset: en}]}", None, "subset: only a hub dataset has subsets"),
     ("sft: {sources: [{path: rows.txt}]}", None, "cannot tell the file type of rows.txt"),
+    ("sft: {sources: [{path: folder.jsonl}]}", None, "data.sft.sources.0.path: folder.jsonl is a folder, not a data"),
     ("sft: {sources: [{path: rows.jsonl, format: preference}]}", None,
      "data.sft.sources: source 0 (rows.jsonl): an sft stage reads messages, prompt_completion, instruction rows, "
      "not preference rows"),

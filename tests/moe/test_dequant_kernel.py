@@ -32,6 +32,9 @@ def interpreted(monkeypatch):
 
 
 def _same_pieces(experts, strided, dtype):
+    # None would compare bitsandbytes' calls with themselves (FINETUNE_STRIDED_DEQUANT=0 turns `strided_dequantizer()`
+    # off, and it is None without triton)
+    assert strided is not None
     gate_up_scales, down_scales = experts.gate_up_proj.block_scales(), experts.down_proj.block_scales()
     for chunks in (1, 2, 4):
         c = I // chunks
@@ -63,6 +66,27 @@ def test_every_chunk_of_both_stacks_is_bitsandbytes_dequantization(interpreted, 
     # float32 only: the interpreter truncates float32 to bfloat16 where a GPU rounds to nearest (as torch does);
     # bfloat16 is the GPU test's
     _same_pieces(_experts(quant_type, double_quant), interpreted, torch.float32)
+
+
+def test_a_launch_that_would_read_past_the_packed_stack_is_refused(interpreted):
+    """Compiled, the kernel reads where it is told unchecked (a GPU faults or reads another tensor's bytes; the
+    interpreter reads them silently): the launcher checks the range first."""
+    experts = _experts()
+    stack, scales = experts.gate_up_proj, experts.gate_up_proj.block_scales()
+    c = I // 2
+    out = torch.empty(E, 2, c, H)
+    strides = (2 * I * H, I * H, H)
+    interpreted(stack.data, scales, stack.code, out, c * H, strides, 64)  # the last chunk: in range
+    for data, scale, base, launch_strides in [
+        (stack.data, scales, 2 * c * H, strides),  # a chunk past the last
+        (stack.data[:-1], scales, c * H, strides),  # the last byte missing
+        (stack.data, scales[:-1], c * H, strides),  # the last scale missing
+        (stack.data, scales, c * H, (2 * I * H, -I * H, H)),  # a negative stride
+    ]:
+        with pytest.raises(ValueError, match="are not all in the"):
+            interpreted(data, scale, stack.code, out, base, launch_strides, 64)
+    with pytest.raises(ValueError, match="different devices"):
+        interpreted(stack.data, scales, stack.code, out.to("meta"), 0, strides, 64)
 
 
 def _lora(generator) -> ExpertLoraDelta:

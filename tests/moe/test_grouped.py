@@ -263,6 +263,39 @@ def test_swiglu_with_triton_equals_autograd(monkeypatch):
     assert torch.allclose(kernels.forward(h, 1100), act, atol=1e-6)
 
 
+def test_the_fused_swiglu_refuses_widths_it_would_read_past(monkeypatch):
+    """Compiled, the kernel reads rows of 2 * inter and inter values unchecked (the interpreter reads past a
+    narrower tensor silently): other shapes are refused before the launch."""
+    pytest.importorskip("triton", reason="triton is a dev dependency (Linux x86_64)")
+    from finetune.moe import grouped
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = grouped.make_triton_swiglu()
+    h = torch.randn(4, 2 * 16)
+    kernels.backward(h, torch.randn(4, 16), 16)
+    for call in (lambda: kernels.forward(h, 20), lambda: kernels.backward(h, torch.randn(2, 16), 16),
+                 lambda: kernels.backward(h, torch.randn(4, 8), 16)):
+        with pytest.raises(ValueError, match=r"expected \[gate \| up\]"):
+            call()
+
+
+def test_the_triton_kernels_have_names_a_gpu_profile_tells_apart(monkeypatch):
+    """A GPU profile (`finetune bench --profile`) lists kernels by their function's name: two both called `kernel`
+    would be one row."""
+    pytest.importorskip("triton", reason="triton is a dev dependency (Linux x86_64)")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled kernels, as a GPU runs them
+    from triton.runtime.jit import JITFunction
+
+    from finetune.moe import grouped
+    from finetune.moe.dequant_kernel import make_strided_dequantizer
+
+    swiglu = grouped.make_triton_swiglu()
+    launchers = (make_strided_dequantizer(), swiglu.forward, swiglu.backward)
+    names = [cell.cell_contents.__name__ for launch in launchers for cell in launch.__closure__
+             if isinstance(cell.cell_contents, JITFunction)]
+    assert names == ["dequantize_4bit_strided", "swiglu_fused", "swiglu_fused"]
+
+
 def test_the_grouped_kernel_with_the_fused_swiglu_matches_eager(monkeypatch):
     """Forward and backward through the Triton passes a GPU runs (here by the interpreter): the same output and
     gradients as with eager torch, up to float32 rounding (the fused passes round each value once)."""

@@ -256,7 +256,8 @@ def test_resume_refuses_a_stage_whose_data_changed(tiny_recipe, tmp_path, capsys
     path = tiny_recipe(tmp_path / "recipe.yaml", sft={"max_steps": 2, "save_steps": 1},
                        data={"sft": {"sources": [{"path": str(data)}]}})
     out = tmp_path / "run"
-    assert main(["run", str(path), f"output_dir={out}"]) == 0
+    assert main(["run", str(path), f"output_dir={out}", "--resume"]) == 0  # as a restarted job's first start
+    assert f"[resume] no run in {out} yet: starting one" in capsys.readouterr().out
     (out / "sft" / "manifest.json").unlink()  # as a run killed after its last checkpoint leaves it
     data.write_text("\n".join(original.splitlines()[:40]) + "\n", encoding="utf-8")
     capsys.readouterr()
