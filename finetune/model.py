@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import FinetuneError
 from finetune.recipe.schema import TINY_MIXTRAL, LoraSpec, ModelSpec, Training
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -24,9 +25,15 @@ def resolve_device(spec: ModelSpec) -> str:
 
 
 def prepare_base(spec: ModelSpec, run_dir: Path, seed: int) -> Path:
-    """The base checkpoint folder: the recipe's path, or the embedded tiny Mixtral built once into the run."""
+    """The base checkpoint folder: the recipe's path, or the embedded tiny Mixtral built once into the run.
+    A checkpoint that is not a Mixtral is refused here, before any stage starts."""
+    from finetune.moe.loader import mixtral_config
+
     if spec.name_or_path != TINY_MIXTRAL:
-        return Path(spec.name_or_path) if Path(spec.name_or_path).exists() else Path(_download(spec.name_or_path))
+        path = Path(spec.name_or_path) if Path(spec.name_or_path).exists() else _download(spec.name_or_path)
+        with _naming_the_base(spec):
+            mixtral_config(path)
+        return path
     from finetune.moe.tiny import build_tiny_mixtral
 
     path = run_dir / "base-model"
@@ -35,10 +42,27 @@ def prepare_base(spec: ModelSpec, run_dir: Path, seed: int) -> Path:
     return path
 
 
-def _download(repo_id: str) -> str:
+def _download(repo_id: str) -> Path:
+    """The hub checkpoint's folder in the Hugging Face cache, downloaded if it is not there yet."""
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except OSError as e:  # offline with nothing cached, no network, unknown or gated repo (all OSErrors)
+        cause = " ".join(str(e).split()) or type(e).__name__  # one line: hub messages span several
+        raise FinetuneError(
+            f"model.name_or_path: {repo_id!r} is not a local folder, and getting it from the Hugging Face hub failed "
+            f"({cause}); download it first (hf download {repo_id} --include '*.json' '*.safetensors') or set "
+            "model.name_or_path to a local checkpoint folder") from None
+
+
+@contextmanager
+def _naming_the_base(spec: ModelSpec):
+    """A problem with the checkpoint's files, prefixed with the recipe key that chose it."""
+    try:
+        yield
+    except FinetuneError as e:
+        raise FinetuneError(f"model.name_or_path {spec.name_or_path!r}: {e}") from None
 
 
 def load_base(spec: ModelSpec, base_path: Path, device: str):
@@ -46,13 +70,14 @@ def load_base(spec: ModelSpec, base_path: Path, device: str):
     from finetune.moe import load_mixtral
 
     quant = spec.quantization
-    model, report = load_mixtral(
-        base_path,
-        quant=quant.quant_type if quant else None,
-        double_quant=quant.double_quant if quant else False,
-        compute_dtype=DTYPES[spec.compute_dtype],
-        device=device,
-    )
+    with _naming_the_base(spec):
+        model, report = load_mixtral(
+            base_path,
+            quant=quant.quant_type if quant else None,
+            double_quant=quant.double_quant if quant else False,
+            compute_dtype=DTYPES[spec.compute_dtype],
+            device=device,
+        )
     model.name_or_path = str(base_path)  # peft records it as the adapter's base_model_name_or_path
     return model, report.format()
 

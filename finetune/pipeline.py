@@ -18,7 +18,7 @@ import yaml
 
 from finetune.errors import FinetuneError, is_disk_error
 from finetune.recipe import Recipe, dump_recipe
-from finetune.recipe.schema import MIXTRAL_TOKENIZER
+from finetune.recipe.schema import MIXTRAL_TOKENIZER, TINY_MIXTRAL
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
@@ -27,7 +27,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     refuse_secrets(recipe.model_dump(mode="json"), "recipe")  # before anything is written or imported
     from finetune import distributed
     from finetune.data.prepare import prepare
-    from finetune.model import resolve_device
+    from finetune.model import prepare_base, resolve_device
     from finetune.stages.common import StopSignal, refuse_a_step_at_rate_zero, refuse_unresumable, stage_finished
 
     for index, stage in enumerate(recipe.stages):  # a batch that cannot be split fails before anything loads
@@ -57,12 +57,17 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         data = {kind: list(p.sources) for kind, p in prepared.items()}
         if continuing:
             refuse_changed_data(recipe, data)
+        # a checkpoint base likewise: downloaded by the main process (the others find it in the cache), and one
+        # that cannot be had or is not a Mixtral refused, before the folder changes
+        with distributed.main_first():
+            base_path = None if recipe.model.name_or_path == TINY_MIXTRAL else prepare_base(recipe.model, run_dir,
+                                                                                            recipe.seed)
         distributed.barrier()  # every process has read the folder before the main process changes it
         with distributed.main_first():
             if distributed.is_main():
                 prepare_run_dir(recipe, overwrite)
                 record_data(run_dir, data)
-        return run_stages(recipe, resume, stop, tokenizer, prepared)
+        return run_stages(recipe, resume, stop, tokenizer, prepared, base_path)
 
 
 def refuse_changed_data(recipe: Recipe, data: dict[str, list[str]]) -> None:
@@ -102,7 +107,8 @@ def _recorded_data(run_dir: Path) -> dict[str, list[str]]:
     return {k: v for k, v in record.items() if isinstance(v, list)} if isinstance(record, dict) else {}
 
 
-def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict) -> dict:
+def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict, base_path: Path | None) -> dict:
+    """Each stage in turn, then the export; `base_path` None is the embedded tiny Mixtral, built into the run."""
     from transformers import set_seed
 
     from finetune import distributed
@@ -113,8 +119,9 @@ def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict) ->
     started = time.perf_counter()
     run_dir = recipe.run_dir
     set_seed(recipe.seed)
-    with distributed.main_first():
-        base_path = prepare_base(recipe.model, run_dir, recipe.seed)
+    if base_path is None:
+        with distributed.main_first():
+            base_path = prepare_base(recipe.model, run_dir, recipe.seed)
     if distributed.is_main():
         tokenizer.save_pretrained(run_dir / "tokenizer")
     record = {"recipe": str((run_dir / "recipe.yaml").resolve()), "base_model": str(base_path.resolve()),
@@ -243,7 +250,13 @@ def load_tokenizer(name: str):
         return build_mixtral_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # a folder without a tokenizer; a hub id offline, mistyped or gated
+        cause = " ".join(str(e).split())[:300] or type(e).__name__  # one line: these messages span several
+        fix = ("give a folder holding tokenizer.json and tokenizer_config.json" if Path(name).exists() else
+               f"download it first (hf download {name} --include '*.json' '*.model') or give a local tokenizer folder")
+        raise FinetuneError(f"model.tokenizer {name!r}: cannot be loaded ({cause}); {fix}") from None
 
 
 def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None,

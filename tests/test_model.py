@@ -1,11 +1,18 @@
 """The recipe reaches the model: the LoRA section (groups, ranks, dropout per group, the router switch) and a
 stage's memory settings."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from finetune import model as models
+from finetune.errors import FinetuneError
 from finetune.moe import ExpertLoraLayer
 from finetune.moe.tiny import build_tiny_mixtral
 from finetune.moe.grouped import DEFAULT_CHUNKS
@@ -79,3 +86,69 @@ def test_a_stage_sets_the_expert_kernel_pieces_it_asks_for(base_path, capsys):
         assert f"dequantizes each 4-bit expert stack in {pieces} pieces ({expected})" in capsys.readouterr().out
     # the recipe reference names the kernel's default, from its one definition
     assert f"DEFAULT_CHUNKS ({DEFAULT_CHUNKS})" in SFTStage.model_fields["expert_chunks"].description
+
+
+@pytest.mark.parametrize("compute_dtype,quantization", [
+    ("bfloat16", {"quant_type": "nf4", "double_quant": True}), ("float16", {"quant_type": "nf4", "double_quant": False}),
+    ("float32", {"quant_type": "fp4", "double_quant": True}), ("bfloat16", {"quant_type": "fp4", "double_quant": False}),
+    ("float32", None), ("bfloat16", None)])
+def test_each_compute_dtype_and_quantization_loads_with_finite_logits(base_path, compute_dtype, quantization):
+    spec = ModelSpec(name_or_path=str(base_path), compute_dtype=compute_dtype, quantization=quantization, device="cpu")
+    base, report = models.load_base(spec, base_path, "cpu")
+    experts = base.model.layers[0].mlp.experts
+    if quantization:
+        assert isinstance(experts, QuantizedExperts) and experts.gate_up_proj.quant_type == quantization["quant_type"]
+        assert experts.gate_up_proj.double_quant == quantization["double_quant"]
+    else:
+        assert experts.gate_up_proj.dtype == models.DTYPES[compute_dtype]
+    with torch.no_grad():
+        logits = base(torch.arange(1, 33)[None]).logits
+    assert logits.dtype == models.DTYPES[compute_dtype] and torch.isfinite(logits).all()
+
+
+def test_a_base_that_is_not_mixtral_is_refused_naming_the_key(base_path, tmp_path):
+    other = tmp_path / "llama"
+    shutil.copytree(base_path, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    spec = ModelSpec(name_or_path=str(other))
+    with pytest.raises(FinetuneError, match=rf"^model.name_or_path '{other}': {other}/config.json: model_type is "
+                                            r"'llama', not 'mixtral'"):
+        models.prepare_base(spec, tmp_path / "run", seed=0)
+    with pytest.raises(FinetuneError, match=r"^model.name_or_path .*model_type is 'llama'"):
+        models.load_base(spec, other, "cpu")
+
+
+_PREPARE = """
+import sys
+from pathlib import Path
+from finetune.errors import FinetuneError
+from finetune.model import prepare_base
+from finetune.recipe.schema import ModelSpec
+try:
+    print(prepare_base(ModelSpec(name_or_path="mistralai/Mixtral-8x7B-v0.1"), Path(sys.argv[1]), 0))
+except FinetuneError as e:
+    print("error:", e)
+"""
+
+
+def test_a_hub_id_without_network_or_cache_is_one_clear_error(tmp_path, base_path):
+    """No network here: a hub endpoint that refuses connections (a closed local port), as a machine without network
+    meets it (HF_HUB_OFFLINE=1 fails the same way, an OSError, without trying; one child process per case costs
+    seconds of imports, so this one stands for both)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    run = lambda: subprocess.run([sys.executable, "-c", _PREPARE, str(tmp_path / "run")], env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=120)
+    done = run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.strip()
+    assert out.startswith("error: model.name_or_path: 'mistralai/Mixtral-8x7B-v0.1' is not a local folder"), out
+    assert "download it first (hf download mistralai/Mixtral-8x7B-v0.1" in out and "\n" not in out
+    # the advice works: once it is in the cache (as `hf download` leaves it), the same recipe finds it offline
+    repo = tmp_path / "hf" / "hub" / "models--mistralai--Mixtral-8x7B-v0.1"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(base_path, repo / "snapshots" / ("0" * 40))
+    done = run()
+    assert done.stdout.strip() == str(repo / "snapshots" / ("0" * 40)), done.stdout + done.stderr[-2000:]

@@ -32,7 +32,7 @@ def tokenize_conversation(
     """A training conversation (ending with an assistant turn) to `input_ids` and a `completion_mask`.
 
     The mask is 1 on each assistant turn's tokens and its closing "</s>", 0 on "<s>" and the "[INST] ... [/INST]"
-    parts; with `train_on_prompt` it is 1 everywhere.
+    parts; with `train_on_prompt` it is 1 everywhere but "<s>", which no token predicts.
     """
     (example,) = tokenize_conversations([messages], tokenizer, train_on_prompt=train_on_prompt)
     if isinstance(example, ConversationError):
@@ -63,8 +63,9 @@ def tokenize_conversations(
             ids = next(encoded) + ([tokenizer.eos_token_id] if role == "assistant" else [])
             input_ids += ids
             completion_mask += [int(role == "assistant")] * len(ids)
-        examples.append({"input_ids": input_ids,
-                         "completion_mask": [1] * len(input_ids) if train_on_prompt else completion_mask})
+        if train_on_prompt:  # "<s>" stays 0: nothing predicts it, and the trained-token counts must not count it
+            completion_mask = [0] + [1] * (len(input_ids) - 1)
+        examples.append({"input_ids": input_ids, "completion_mask": completion_mask})
     return examples
 
 

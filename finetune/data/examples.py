@@ -84,9 +84,12 @@ def preference_examples(batch: dict[str, list], *, columns: dict, tokenizer, max
     rows = _rows(batch)
     out: list[dict | None] = [None] * len(rows)
     pairs: list[tuple[int, tuple[list[dict], list[dict], list[dict]]]] = []
+    controls = [t for t in tokenizer.all_special_tokens if t]
     for index, row in enumerate(rows):
         try:
-            pairs.append((index, preference_messages(raw_row(row), columns)))
+            messages = preference_messages(raw_row(row), columns)
+            _refuse_control_text(messages, controls, columns)
+            pairs.append((index, messages))
         except BadRow as e:
             out[index] = _rejected(row, e.reason, str(e), sft=False)
     encoded = tokenize_conversations([prompt + reply for _, (prompt, *replies) in pairs for reply in replies],
@@ -95,6 +98,22 @@ def preference_examples(batch: dict[str, list], *, columns: dict, tokenizer, max
         out[index] = _preference_example(rows[index], messages, encoded[2 * number:2 * number + 2], columns,
                                          max_seq_len, on_too_long)
     return _columns(out)
+
+
+def _refuse_control_text(messages: tuple, controls: list[str], columns: dict) -> None:
+    """trl tokenizes a preference row's rendered chat template, where the text "</s>" (HTML strike-through, say)
+    becomes the end-of-sequence token itself: the model would learn to stop mid-reply. The SFT encoding, like
+    mistral-common's, keeps it text; a preference row holding it is refused rather than trained differently."""
+    prompt = messages[0]
+    for field, turns, first in (("prompt", prompt, 0), ("chosen", messages[1], len(prompt)),
+                                ("rejected", messages[2], len(prompt))):
+        for number, message in enumerate(turns, first):  # numbered in prompt + reply, as the other problems are
+            content = message.get("content")
+            found = [t for t in controls if isinstance(content, str) and t in content]
+            if found:
+                raise BadRow("control_token", f"'{columns.get(field, field)}': message {number} "
+                                              f"({message.get('role')}) holds the text {', '.join(found)}, which trl "
+                                              "would encode as the control token")
 
 
 def _preference_example(row: dict, messages: tuple, encoded: list, columns: dict, max_seq_len: int,

@@ -25,6 +25,8 @@ REASONS = {
     "wrong_turn_order": "turns are not system?, user, assistant, user, ... in order",
     "empty_message": "a message is empty",
     "identical_pair": "chosen and rejected are the same reply",
+    "control_token": "a preference message holds a control token's text (such as </s>), which trl would encode "
+                     "as the token itself",
     "no_trainable_tokens": "no token left to train on",
     "too_long": "longer than max_seq_len",
 }

@@ -17,24 +17,85 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import FinetuneError
 from ..rmsnorm import use_lean_rms_norms
 from .report import LoadReport, measure_parts
 
 ATTENTION_WEIGHT = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 EXPERT_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# buffers that older checkpoints carry and the model computes itself (transformers skips them too)
+RECOMPUTED = re.compile(r"\.rotary_emb\.inv_freq$")
+INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 
-def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint, one at a time, shard by shard (the index decides the shards)."""
-    from safetensors import safe_open
+class CheckpointKeyError(FinetuneError):
+    """A checkpoint tensor the model cannot take, or one it needs and lacks; `key` is its checkpoint name."""
 
-    index = path / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    for shard in shards:
-        with safe_open(str(path / shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+def mixtral_config(path: Path):
+    """The folder's config.json as a MixtralConfig; any other model type is refused, not loaded as Mixtral
+    (transformers would only warn, and fill what the file lacks with 8x7B's defaults)."""
+    from transformers import MixtralConfig
+
+    file = path / "config.json"
+    if not file.is_file():
+        raise FinetuneError(f"{path}: no config.json; a checkpoint folder holds config.json and its safetensors weights")
+    try:
+        model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise FinetuneError(f"{file}: not a model config ({e})") from None
+    if model_type != "mixtral":
+        raise FinetuneError(f"{file}: model_type is {model_type!r}, not 'mixtral'; finetune trains Mixtral models only")
+    return MixtralConfig.from_pretrained(path)
+
+
+class _Checkpoint:
+    """The safetensors files of a checkpoint folder (the index's shards, or model.safetensors), read one tensor at
+    a time; it remembers which file each tensor came from, for errors that name it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.weight_map: dict[str, str] = {}
+        self.source: dict[str, Path] = {}
+        index = path / INDEX
+        if index.is_file():
+            try:
+                self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = sorted(set(self.weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise FinetuneError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        elif (path / SINGLE_FILE).is_file():
+            self.files = [SINGLE_FILE]
+        else:
+            raise FinetuneError(f"{path}: neither {INDEX} nor {SINGLE_FILE}; finetune reads safetensors checkpoints")
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import SafetensorError, safe_open
+
+        for name in self.files:
+            file = self.path / name
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        tensor = f.get_tensor(key)
+                        self.source[key] = file
+                        yield key, tensor
+            except (OSError, SafetensorError) as e:  # a missing, truncated or damaged file: an incomplete download
+                raise FinetuneError(f"{file}: cannot be read ({e}); download the checkpoint again") from None
+
+    def where(self, key: str) -> str:
+        """The file to blame for a problem with `key`: where it was read, or where it should have been."""
+        if key in self.source:
+            return str(self.source[key])
+        if key in self.weight_map:
+            return f"{self.path / self.weight_map[key]} (where {INDEX} places it, but it is not there)"
+        return str(self.path / (INDEX if self.weight_map else SINGLE_FILE))
 
 
 @dataclass
@@ -62,14 +123,24 @@ class _Loading:
     loaded: set[str] = field(default_factory=set)
 
 
-def _set_parameter(state: _Loading, name: str, tensor: torch.Tensor) -> None:
+def _module_of(state: _Loading, name: str, key: str) -> tuple[nn.Module, str]:
+    """The module holding parameter `name` and the parameter's own name; `key`: its name in the checkpoint."""
     module_name, _, leaf = name.rpartition(".")
-    module = state.model.get_submodule(module_name)
-    if leaf not in module._parameters:
-        raise KeyError(f"checkpoint tensor {name} has no parameter in the model")
+    try:
+        module = state.model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or leaf not in module._parameters:
+        raise CheckpointKeyError(key, f"not a weight of a Mixtral model with config.json's "
+                                      f"{state.model.config.num_hidden_layers} layers")
+    return module, leaf
+
+
+def _set_parameter(state: _Loading, name: str, tensor: torch.Tensor, key: str | None = None) -> None:
+    module, leaf = _module_of(state, name, key or name)
     expected = module._parameters[leaf].shape
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected)}")
+        raise CheckpointKeyError(key or name, f"shape {tuple(tensor.shape)}, but config.json makes it {tuple(expected)}")
     value = tensor.to(state.device, state.compute_dtype)
     module._parameters[leaf] = nn.Parameter(value, requires_grad=value.is_floating_point())
     state.ledger.add(value.numel() * value.element_size())
@@ -79,11 +150,11 @@ def _set_parameter(state: _Loading, name: str, tensor: torch.Tensor) -> None:
 def _install_linear4bit(state: _Loading, name: str, weight: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
-    module_name = name.removesuffix(".weight")
-    parent_name, _, child = module_name.rpartition(".")
-    old = state.model.get_submodule(module_name)
+    old, _ = _module_of(state, name, name)
+    parent_name, _, child = name.removesuffix(".weight").rpartition(".")
     if tuple(weight.shape) != (old.out_features, old.in_features):
-        raise ValueError(f"{name}: checkpoint shape {tuple(weight.shape)} != model shape {(old.out_features, old.in_features)}")
+        raise CheckpointKeyError(name, f"shape {tuple(weight.shape)}, but config.json makes it "
+                                       f"{(old.out_features, old.in_features)}")
     new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=state.compute_dtype,
                             compress_statistics=state.double_quant, quant_type=state.quant, device="meta")
     param = bnb.nn.Params4bit(weight.to(state.compute_dtype), requires_grad=False, blocksize=64,
@@ -146,12 +217,16 @@ def _slot(stacks: _ExpertStacks, expert: int, proj: str) -> torch.Tensor:
 
 def _take_expert_tensor(state: _Loading, key: str, layer: int, expert: int, proj: str, tensor: torch.Tensor) -> None:
     """Copy one expert tensor (or a fused stack, expert -1) into the layer's stacks; install once complete."""
+    config = state.model.config
+    if layer >= config.num_hidden_layers or expert >= config.num_local_experts:
+        raise CheckpointKeyError(key, f"not in a model with config.json's {config.num_hidden_layers} layers of "
+                                      f"{config.num_local_experts} experts")
     stacks = _stacks(state, layer, tensor.dtype)
     slot = _slot(stacks, expert, proj)
     if tuple(tensor.shape) != tuple(slot.shape):
-        raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(slot.shape)}")
+        raise CheckpointKeyError(key, f"shape {tuple(tensor.shape)}, but config.json makes it {tuple(slot.shape)}")
     if (expert, proj) in stacks.received:
-        raise ValueError(f"{key}: appears twice in the checkpoint")
+        raise CheckpointKeyError(key, "appears twice in the checkpoint")
     slot.copy_(tensor)
     stacks.received.add((expert, proj))
     complete = 2 if expert < 0 else 3 * state.model.config.num_local_experts
@@ -178,6 +253,8 @@ def _install_experts(state: _Loading, layer: int, gate_up: torch.Tensor, down: t
 
 
 def _take(state: _Loading, key: str, tensor: torch.Tensor) -> None:
+    if RECOMPUTED.search(key):
+        return
     if m := EXPERT_WEIGHT.match(key):
         _take_expert_tensor(state, key, int(m[1]), int(m[2]), m[3], tensor)
     elif m := FUSED_EXPERTS.match(key):  # a checkpoint already in transformers-5 layout
@@ -185,7 +262,7 @@ def _take(state: _Loading, key: str, tensor: torch.Tensor) -> None:
     elif state.quant is not None and ATTENTION_WEIGHT.match(key):
         _install_linear4bit(state, key, tensor)
     else:
-        _set_parameter(state, key.replace(".block_sparse_moe.gate.", ".mlp.gate."), tensor)
+        _set_parameter(state, key.replace(".block_sparse_moe.gate.", ".mlp.gate."), tensor, key)
 
 
 def _finish(state: _Loading) -> None:
@@ -195,11 +272,29 @@ def _finish(state: _Loading) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
     rotary_cls = type(model.model.rotary_emb)
     model.model.rotary_emb = rotary_cls(config).to(state.device)
-    if state.pending:
-        raise ValueError(f"incomplete expert tensors for layers {sorted(state.pending)}")
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    missing = [key for layer, stacks in state.pending.items() for key in _missing_expert_keys(layer, stacks, config)]
+    incomplete = tuple(f"model.layers.{layer}.mlp.experts." for layer in state.pending)  # named just above
+    missing += [_checkpoint_name(n) for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.device.type == "meta" and not n.startswith(incomplete)]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        more = f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""
+        untied = " (config.json: tie_word_embeddings is false)" if missing[0] == "lm_head.weight" else ""
+        raise CheckpointKeyError(missing[0], f"missing from the checkpoint{more}{untied}")
+
+
+def _missing_expert_keys(layer: int, stacks: _ExpertStacks, config) -> list[str]:
+    if any(expert < 0 for expert, _ in stacks.received):  # a fused checkpoint
+        return [f"model.layers.{layer}.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")
+                if (-1, p) not in stacks.received]
+    return [f"model.layers.{layer}.block_sparse_moe.experts.{e}.{p}.weight" for e in range(config.num_local_experts)
+            for p in ("w1", "w2", "w3") if (e, p) not in stacks.received]
+
+
+def _checkpoint_name(name: str) -> str:
+    """A model tensor's name as the hub's Mixtral checkpoints write it (for a whole stack, its first expert's)."""
+    name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    name = re.sub(r"\.mlp\.experts\.gate_up_proj$", ".block_sparse_moe.experts.0.w1.weight", name)
+    return re.sub(r"\.mlp\.experts\.down_proj$", ".block_sparse_moe.experts.0.w2.weight", name)
 
 
 def load_mixtral(
@@ -210,12 +305,18 @@ def load_mixtral(
     compute_dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
 ) -> tuple[nn.Module, LoadReport]:
-    """Load a Mixtral checkpoint: quant "nf4"/"fp4" (attention Linear4bit + QuantizedExperts) or None (stock layout)."""
-    from transformers import MixtralConfig
+    """Load a Mixtral checkpoint: quant "nf4"/"fp4" (attention Linear4bit + QuantizedExperts) or None (stock layout).
 
+    A checkpoint that does not fit config.json (a missing, unexpected or misshapen tensor) or a file that cannot be
+    read is a FinetuneError naming the file and the tensor."""
     path = Path(path)
-    return load_mixtral_tensors(MixtralConfig.from_pretrained(path), _checkpoint_tensors(path), quant=quant,
-                                double_quant=double_quant, compute_dtype=compute_dtype, device=device)
+    config = mixtral_config(path)
+    checkpoint = _Checkpoint(path)
+    try:
+        return load_mixtral_tensors(config, checkpoint.tensors(), quant=quant, double_quant=double_quant,
+                                    compute_dtype=compute_dtype, device=device)
+    except CheckpointKeyError as e:
+        raise FinetuneError(f"{checkpoint.where(e.key)}: {e}") from None
 
 
 def load_mixtral_tensors(

@@ -124,6 +124,7 @@ def test_bad_preference_rows_in_both_modes(tmp_path, make_recipe, tokenizer):
         8: ({"prompt": "hi", "chosen": [{"role": "assistant", "content": "a", "name": "bob"}], "rejected": "b"},
             "unexpected_field"),
         9: (good, None),
+        10: ({"prompt": "Strike a word in HTML.", "chosen": "Use <s>word</s>.", "rejected": "No."}, "control_token"),
     }
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row, _ in lines.values()))
@@ -135,6 +136,8 @@ def test_bad_preference_rows_in_both_modes(tmp_path, make_recipe, tokenizer):
     for line, reason in bad.items():
         assert f"{path}:{line}: {reason}: " in str(info.value)
     assert f"{path}:8: unexpected_field: 'chosen': message 1: unexpected keys ['name']" in str(info.value)
+    assert (f"{path}:10: control_token: 'chosen': message 1 (assistant) holds the text <s>, </s>, which trl would encode as "
+            "the control token") in str(info.value)
 
     prepared = prepare_dpo(make_recipe(dpo={"sources": [{"path": str(path)}]}, max_seq_len=64, on_bad_row="drop"),
                            tokenizer)

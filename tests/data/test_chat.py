@@ -131,11 +131,12 @@ def test_completion_mask_is_exactly_each_assistant_turn_and_its_eos(tokenizer, m
         assert example["completion_mask"][0] == 0
 
 
-def test_train_on_prompt_masks_every_token(tokenizer, mistral):
+def test_train_on_prompt_masks_every_token_but_bos(tokenizer, mistral):
     messages = conversations(1, seed=3)[0]
     example = tokenize_conversation(messages, tokenizer, train_on_prompt=True)
     assert example["input_ids"] == mistral(messages)
-    assert example["completion_mask"] == [1] * len(example["input_ids"])
+    # nothing predicts "<s>": marking it would count a token that never carries loss
+    assert example["completion_mask"] == [0] + [1] * (len(example["input_ids"]) - 1)
 
 
 U = {"role": "user", "content": "hi"}

@@ -4,6 +4,7 @@ CUDA when there is a GPU)."""
 
 import random
 from collections import Counter
+from itertools import accumulate
 
 import pytest
 import torch
@@ -150,3 +151,18 @@ def test_packed_examples_see_only_themselves(packed, tokenizer, tmp_path, device
         assert (flat - logits).abs().max().item() > 1e-2
         cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
         assert (cached - logits).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_no_packed_example_trains_on_its_first_token(write_jsonl, make_recipe, tokenizer, chat, train_on_prompt):
+    """The first token ("<s>") would be predicted from the example before it in the pack: its mask is always 0, so
+    the data itself never links two examples, whatever the collator does."""
+    path = write_jsonl("chat.jsonl", [chat(i) for i in range(30)])
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": path}], "packing": True}, max_seq_len=64,
+                                       train_on_prompt=train_on_prompt), tokenizer)
+    starts = [(row, sum(row["seq_lengths"][:k])) for row in prepared.train for k in range(len(row["seq_lengths"]))]
+    assert len(starts) > len(prepared.train)  # some sequences hold several examples
+    assert all(row["input_ids"][s] == tokenizer.bos_token_id and row["completion_mask"][s] == 0 for row, s in starts)
+    if train_on_prompt:  # and every other token is trained
+        assert all(all(row["completion_mask"][s + 1:s + n]) for row in prepared.train
+                   for s, n in zip([0, *accumulate(row["seq_lengths"])], row["seq_lengths"]))

@@ -1,4 +1,7 @@
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -7,6 +10,7 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
+from finetune.errors import FinetuneError
 from finetune.moe.dequantize import dequantized_state_dict
 from finetune.moe.loader import load_mixtral
 from finetune.moe.quantized_experts import QuantizedExperts
@@ -98,3 +102,171 @@ def test_loading_shows_a_progress_bar_over_layers_on_stderr(tiny_path, capsys):
                            env={**os.environ, "TQDM_DISABLE": "1"})
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "[model] loading" not in quiet.stderr
+
+
+# A checkpoint laid out as the hub has Mixtral-8x7B: numbered shards in the state dict's order (so a layer's experts
+# straddle two shards), an index with only total_size, a config.json written by transformers 4.36.
+def _save_hub_layout(tensors: dict, folder, source_config, shards: int = 5, config_edit=None):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    config = json.loads((source_config / "config.json").read_text())
+    config.pop("dtype"), config.pop("rope_parameters")
+    config.update(torch_dtype="bfloat16", rope_theta=1e6, transformers_version="4.36.0.dev0")
+    (config_edit or (lambda c: None))(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    keys, weight_map = list(tensors), {}
+    per = -(-len(keys) // shards)
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in keys[i * per:(i + 1) * per]}, str(folder / name), {"format": "pt"})
+        weight_map.update({k: name for k in keys[i * per:(i + 1) * per]})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _read_checkpoint(path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def _in_model_order(tensors: dict) -> dict:
+    """Embeddings, then each layer in numeric order (experts first, as transformers 4 saved them), then the head."""
+    def rank(key):
+        layer = re.match(r"model\.layers\.(\d+)\.", key)
+        return (1, int(layer[1]), key) if layer else (0 if "embed" in key else 2, 0, key)
+    return {k: tensors[k] for k in sorted(tensors, key=rank)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_path) -> dict:
+    return _in_model_order(_read_checkpoint(tiny_path))
+
+
+def test_hub_layout_quantizes_every_expert_from_its_shard(tiny_path, checkpoint, tmp_path):
+    import bitsandbytes.functional as bnbf
+
+    path = _save_hub_layout(checkpoint, tmp_path / "hub", tiny_path)
+    straddling = {json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][
+        f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in range(8)}
+    assert len(straddling) == 2  # the layout under test: one layer's experts read from two shards
+    model, report = load_mixtral(path, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    for layer, block in enumerate(model.model.layers):
+        expert = lambda e, w: checkpoint[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"]  # noqa: E731
+        gate_up = torch.stack([torch.cat([expert(e, "w1"), expert(e, "w3")]) for e in range(8)])
+        down = torch.stack([expert(e, "w2") for e in range(8)])
+        for stack, original in ((block.mlp.experts.gate_up_proj, gate_up), (block.mlp.experts.down_proj, down)):
+            packed, state = bnbf.quantize_4bit(original, blocksize=64, compress_statistics=True, quant_type="nf4")
+            assert torch.equal(stack.data, packed.reshape(-1)) and torch.equal(stack.absmax, state.absmax)
+            assert torch.equal(stack.nested_absmax, state.state2.absmax)
+        q = block.self_attn.q_proj.weight
+        packed, _ = bnbf.quantize_4bit(checkpoint[f"model.layers.{layer}.self_attn.q_proj.weight"], blocksize=64,
+                                       compress_statistics=True, quant_type="nf4")
+        assert torch.equal(q.reshape(-1), packed.reshape(-1))
+        assert torch.equal(block.mlp.gate.weight, checkpoint[f"model.layers.{layer}.block_sparse_moe.gate.weight"])
+    assert model.config.rope_parameters["rope_theta"] == 1e6  # read from a transformers 4 config
+    one_layer_experts_bf16 = (gate_up.numel() + down.numel()) * 2
+    assert report.peak_bytes <= report.total_bytes + one_layer_experts_bf16 + 2**16
+
+
+def _fused(tiny_path, folder):
+    stock = MixtralForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16)
+    stock.save_pretrained(folder, save_original_format=False)
+    assert any("mlp.experts.gate_up_proj" in k for k in _read_checkpoint(folder))
+    return folder
+
+
+def _single_file(tensors, tiny_path, folder):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    shutil.copy(tiny_path / "config.json", folder)
+    save_file(tensors, str(folder / "model.safetensors"), {"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["fused", "single file", "float32", "float16", "rotary inv_freq"])
+def test_other_checkpoint_layouts_load_the_same_model(tiny_path, checkpoint, tmp_path, tokens, layout):
+    if layout == "fused":  # transformers 5's own layout: save_pretrained(save_original_format=False)
+        path = _fused(tiny_path, tmp_path / "fused")
+    elif layout == "single file":
+        path = _single_file(checkpoint, tiny_path, tmp_path / "single")
+    elif layout == "rotary inv_freq":  # older checkpoints carry the rotary buffer; the model computes its own
+        path = _save_hub_layout({**checkpoint, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16)},
+                                tmp_path / "inv_freq", tiny_path)
+    else:
+        dtype = getattr(torch, layout)
+        path = _save_hub_layout({k: v.to(dtype) for k, v in checkpoint.items()}, tmp_path / layout, tiny_path, 3)
+    ours, _ = load_mixtral(path, quant=None, compute_dtype=torch.float32)
+    reference, _ = load_mixtral(tiny_path, quant=None, compute_dtype=torch.float32)
+    if layout == "float16":  # bf16 -> fp16 rounds the smallest weights (fp16's subnormals)
+        torch.testing.assert_close(_logits(ours, tokens[:, :16]), _logits(reference, tokens[:, :16]), rtol=1e-3, atol=1e-3)
+    else:
+        assert torch.equal(_logits(ours, tokens[:, :16]), _logits(reference, tokens[:, :16]))
+
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+ATTENTION = "model.layers.1.self_attn.k_proj.weight"
+
+
+def _damage(kind: str, checkpoint: dict, tiny_path, folder):
+    """A damaged copy of the checkpoint, and the file and tensor its error must name."""
+    from safetensors.torch import load_file, save_file
+
+    index = "model.safetensors.index.json"
+    if kind == "missing expert":
+        path = _save_hub_layout({k: v for k, v in checkpoint.items() if k != EXPERT}, folder, tiny_path)
+        return path, path / index, EXPERT
+    if kind == "missing lm_head":  # Mixtral's config does not tie the head to the embeddings
+        path = _save_hub_layout({k: v for k, v in checkpoint.items() if k != "lm_head.weight"}, folder, tiny_path)
+        return path, path / index, "lm_head.weight"
+    if kind == "missing from its shard":
+        path = _save_hub_layout(checkpoint, folder, tiny_path)
+        shard = path / json.loads((path / index).read_text())["weight_map"][ATTENTION]
+        save_file({k: v for k, v in load_file(str(shard)).items() if k != ATTENTION}, str(shard), {"format": "pt"})
+        return path, shard, ATTENTION
+    if kind == "single file missing":
+        path = _single_file({k: v for k, v in checkpoint.items() if k != ATTENTION}, tiny_path, folder)
+        return path, path / "model.safetensors", ATTENTION
+    if kind == "unexpected tensor":
+        path = _save_hub_layout({**checkpoint, "model.layers.0.mlp.gate_proj.weight": torch.ones(4)}, folder, tiny_path)
+        return path, sorted(path.glob("*.safetensors"))[-1], "model.layers.0.mlp.gate_proj.weight"
+    if kind == "wrong shape":
+        path = _save_hub_layout({**checkpoint, EXPERT: torch.ones(3, 3)}, folder, tiny_path)
+        return path, path / json.loads((path / index).read_text())["weight_map"][EXPERT], EXPERT
+    path = _save_hub_layout(checkpoint, folder, tiny_path)
+    shard = sorted(path.glob("*.safetensors"))[2]
+    if kind == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        shard.unlink()
+    return path, shard, None
+
+
+@pytest.mark.parametrize("kind", ["missing expert", "missing lm_head", "missing from its shard", "single file missing",
+                                  "unexpected tensor", "wrong shape", "truncated shard", "missing shard"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_tensor(tiny_path, checkpoint, tmp_path, kind):
+    path, file, key = _damage(kind, checkpoint, tiny_path, tmp_path / "damaged")
+    with pytest.raises(FinetuneError) as error:
+        load_mixtral(path, quant="nf4", compute_dtype=torch.float32)
+    message = str(error.value)
+    assert message.startswith(f"{file}") and "\n" not in message, message
+    assert key is None or f": {key}: " in message, message
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", None])
+def test_a_folder_without_a_mixtral_config_is_refused(tiny_path, checkpoint, tmp_path, model_type):
+    path = _save_hub_layout(checkpoint, tmp_path / "other", tiny_path, config_edit=lambda c: c.update(model_type=model_type))
+    if model_type is None:  # transformers would fill in 8x7B's widths, and fail on the first tensor's shape
+        (path / "config.json").unlink()
+    with pytest.raises(FinetuneError, match="config.json: model_type is 'llama', not 'mixtral'" if model_type == "llama"
+                       else "model_type is 'qwen2_moe'" if model_type else "no config.json"):
+        load_mixtral(path)

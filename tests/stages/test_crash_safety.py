@@ -194,6 +194,30 @@ def test_full_disk_is_named_and_not_a_traceback(recipe, tmp_path):
     assert message.startswith(f"cannot write under {tmp_path / 'run'}: ") and "File too large" in message, message
 
 
+def test_a_base_or_tokenizer_that_cannot_load_is_refused_before_overwrite_deletes_anything(tiny_recipe, tmp_path,
+                                                                                            capsys):
+    """A base checkpoint that is not a Mixtral, and a tokenizer folder without a tokenizer, are one-line errors
+    naming their key, given before --overwrite empties the folder of the earlier run."""
+    from finetune.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("the earlier run's\n")  # a folder holding a run, all --overwrite asks
+    llama, no_tokenizer = tmp_path / "llama", tmp_path / "no-tokenizer"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    no_tokenizer.mkdir()
+    path = tiny_recipe(tmp_path / "recipe.yaml", sft={"max_steps": 2})
+    for key, value, expected in [("model.name_or_path", llama, f"error: model.name_or_path '{llama}': "),
+                                 ("model.tokenizer", no_tokenizer, f"error: model.tokenizer '{no_tokenizer}': cannot "
+                                                                   "be loaded (")]:
+        assert main(["run", str(path), f"output_dir={out}", f"{key}={value}", "--overwrite"]) == 2
+        err = capsys.readouterr().err  # after the data's progress bars
+        assert "Traceback" not in err and re.split(r"[\r\n]", err.strip())[-1].startswith(expected), err
+        assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+        assert (out / "recipe.yaml").read_text() == "the earlier run's\n"
+
+
 def test_an_existing_run_needs_resume_or_overwrite_and_the_same_recipe(recipe, reference, capsys):
     from finetune.cli import main
 
