@@ -19,3 +19,8 @@ def is_disk_error(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return error.errno in DISK_ERRNOS
     return any(f"os error {n}" in str(error) or os.strerror(n) in str(error) for n in DISK_ERRNOS)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (the hub's and the tokenizer loader's span several), or its type's name."""
+    return " ".join(str(error).split()) or type(error).__name__

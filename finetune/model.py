@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
 from finetune.recipe.schema import TINY_MIXTRAL, LoraSpec, ModelSpec, Training
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,7 +49,7 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
     except OSError as e:  # offline with nothing cached, no network, unknown or gated repo (all OSErrors)
-        cause = " ".join(str(e).split()) or type(e).__name__  # one line: hub messages span several
+        cause = one_line(e)
         raise FinetuneError(
             f"model.name_or_path: {repo_id!r} is not a local folder, and getting it from the Hugging Face hub failed "
             f"({cause}); download it first (hf download {repo_id} --include '*.json' '*.safetensors') or set "

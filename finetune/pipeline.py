@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.errors import FinetuneError, is_disk_error
+from finetune.errors import FinetuneError, is_disk_error, one_line
 from finetune.recipe import Recipe, dump_recipe
 from finetune.recipe.schema import MIXTRAL_TOKENIZER, TINY_MIXTRAL
 
@@ -253,7 +253,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:  # a folder without a tokenizer; a hub id offline, mistyped or gated
-        cause = " ".join(str(e).split())[:300] or type(e).__name__  # one line: these messages span several
+        cause = one_line(e)[:300]
         fix = ("give a folder holding tokenizer.json and tokenizer_config.json" if Path(name).exists() else
                f"download it first (hf download {name} --include '*.json' '*.model') or give a local tokenizer folder")
         raise FinetuneError(f"model.tokenizer {name!r}: cannot be loaded ({cause}); {fix}") from None
