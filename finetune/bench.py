@@ -15,7 +15,8 @@ host s (GPU) the median time until the host had issued a step's last kernel (wel
   naive: one bitsandbytes Linear4bit per expert projection, a Python loop over experts (peft LoRA on each),
          transformers' own loss, fp32 AdamW states: the usual QLoRA set-up.
 Before timing, the fast kernel is checked against the reference loop (one layer's experts, then the whole
-model's loss and expert LoRA gradients); no speed is reported for it if the check fails.
+model's loss and every LoRA gradient, attention's and the experts'); no speed is reported for it if the check
+fails.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Tolerance:
 
     layer: float  # one layer's experts: output, input gradient, each LoRA gradient (A and B, all experts)
     loss: float  # whole model: |loss difference| / loss ...
-    grads: float  # ... and all expert LoRA gradients together,
+    grads: float  # ... and every LoRA gradient (attention and experts) together,
     floor_factor: float = 2.0  # or up to this many times what one bf16 rounding of the input does to the reference
 
 
@@ -63,9 +64,9 @@ class CheckResult:
         worst_layer = max(self.layer.items(), key=lambda kv: kv[1])
         m = self.model
         return (f"check fast vs reference: layer-0 experts worst rel err {worst_layer[1]:.2e} ({worst_layer[0]}) "
-                f"[tol {tol.layer:g}]\n  whole model (same routing): loss rel {m.loss:.2e}, expert LoRA grads rel "
-                f"{m.grads:.2e} (worst tensor {m.worst[0]} {m.worst[1]:.2e}); reference vs itself with the input "
-                f"rounded differently: loss {m.floor_loss:.2e}, grads {m.floor_grads:.2e} [tol: loss "
+                f"[tol {tol.layer:g}]\n  whole model (same routing): loss rel {m.loss:.2e}, LoRA grads ({m.tensors} "
+                f"tensors) rel {m.grads:.2e} (worst tensor {m.worst[0]} {m.worst[1]:.2e}); reference vs itself with "
+                f"the input rounded differently: loss {m.floor_loss:.2e}, grads {m.floor_grads:.2e} [tol: loss "
                 f"{tol.loss:g}, grads {tol.grads:g}, or {tol.floor_factor:g}x that floor] -> "
                 f"{'PASS' if self.passed else 'FAIL'}")
 
@@ -274,10 +275,11 @@ class _PerturbInput:
 @dataclass
 class ModelComparison:
     loss: float  # fast vs reference, |d loss| / loss
-    grads: float  # fast vs reference, all expert LoRA gradients together
+    grads: float  # fast vs reference, every LoRA gradient (attention and experts) together
     worst: tuple[str, float]  # fast vs reference, the worst single tensor
     floor_loss: float  # reference vs reference with perturbed input
     floor_grads: float
+    tensors: int  # how many LoRA gradients were compared
 
 
 def _grads_rel(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -286,7 +288,8 @@ def _grads_rel(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> f
 
 
 def check_model(peft_model, seq: int, loss_fn: Callable, seed: int = 0) -> ModelComparison:
-    """Whole model, random non-zero LoRA B: loss and every expert LoRA gradient, fast kernel vs reference loop.
+    """Whole model, random non-zero LoRA B: loss and every LoRA gradient, fast kernel vs reference loop. The
+    attention adapters' gradients count too: they flow back through every later layer's experts.
 
     All runs follow the first run's routing (`_ReplayRouting`); a third run (reference, input perturbed by
     one bf16 rounding step) measures how much rounding alone moves these figures in this model.
@@ -294,13 +297,13 @@ def check_model(peft_model, seq: int, loss_fn: Callable, seed: int = 0) -> Model
     from finetune.moe.quantized_experts import set_expert_kernel
 
     device = next(peft_model.parameters()).device
-    expert_lora = {n: p for n, p in peft_model.named_parameters() if ".experts.lora_" in n and p.requires_grad}
+    lora = {n: p for n, p in peft_model.named_parameters() if ".lora_" in n and p.requires_grad}
     gen = torch.Generator(device).manual_seed(seed)
     ids = torch.randint(0, peft_model.config.vocab_size, (1, seq), generator=gen, device=device)
-    saved_b = {n: p.detach().clone() for n, p in expert_lora.items() if ".lora_B." in n}
+    saved_b = {n: p.detach().clone() for n, p in lora.items() if ".lora_B." in n}
     with torch.no_grad():
         for n in saved_b:
-            expert_lora[n].normal_(0, 0.02, generator=gen)
+            lora[n].normal_(0, 0.02, generator=gen)
     routing = _ReplayRouting(peft_model)
     runs = {}
 
@@ -309,7 +312,7 @@ def check_model(peft_model, seq: int, loss_fn: Callable, seed: int = 0) -> Model
         peft_model.zero_grad(set_to_none=True)
         loss = loss_fn(peft_model, ids)
         loss.backward()
-        runs[name] = (loss.detach().float(), {n: p.grad.detach().clone() for n, p in expert_lora.items()})
+        runs[name] = (loss.detach().float(), {n: p.grad.detach().clone() for n, p in lora.items()})
 
     try:
         routing.record()
@@ -324,7 +327,7 @@ def check_model(peft_model, seq: int, loss_fn: Callable, seed: int = 0) -> Model
         peft_model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for n, value in saved_b.items():
-                expert_lora[n].copy_(value)
+                lora[n].copy_(value)
     (loss_ref, g_ref), (loss_fast, g_fast), (loss_pert, g_pert) = runs["reference"], runs["grouped"], runs["perturbed"]
     return ModelComparison(
         loss=(abs(loss_fast - loss_ref) / abs(loss_ref)).item(),
@@ -332,6 +335,7 @@ def check_model(peft_model, seq: int, loss_fn: Callable, seed: int = 0) -> Model
         worst=max(((n, _rel(g_fast[n], g_ref[n])) for n in g_ref), key=lambda kv: kv[1]),
         floor_loss=(abs(loss_pert - loss_ref) / abs(loss_ref)).item(),
         floor_grads=_grads_rel(g_pert, g_ref),
+        tensors=len(g_ref),
     )
 
 

@@ -31,7 +31,7 @@ import torch
 
 from finetune.errors import FinetuneError, is_disk_error
 from finetune.model import DTYPES
-from finetune.recipe.schema import SIZE
+from finetune.recipe.schema import MIXTRAL_TOKENIZER, SIZE
 
 VERIFY_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -373,9 +373,10 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
         config = AutoConfig.from_pretrained(run.base_model)
         config.dtype = DTYPES[dtype]
         config.save_pretrained(staging)
+        _add_legacy_config_keys(staging / "config.json")
         _generation_config(run.base_model).save_pretrained(staging)
         tokenizer = _serving_tokenizer(run.tokenizer)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(run, tokenizer, staging)
         (staging / "README.md").write_text(model_card(run, f"merged into the {base} base weights, {dtype}"))
         reference, effect = reference_logits(run, base, dtype, tokenizer)
         tolerance = default_tolerance(dtype, effect) if tolerance is None else tolerance
@@ -403,7 +404,7 @@ def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolera
         config["base_model_name_or_path"] = run.recipe["model"]["name_or_path"]
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tokenizer = _serving_tokenizer(run.tokenizer)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(run, tokenizer, staging)
         (staging / "README.md").write_text(model_card(run, f"LoRA adapter only, weights in {dtype}"))
         reference, effect = reference_logits(run, "original", "float32", tokenizer)
         exported = _logits(_stock_with_adapter(run.base_model, staging, torch.float32), _prompts(tokenizer))
@@ -569,6 +570,77 @@ def _serving_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, padding_side="left")
+
+
+def save_tokenizer(run: RunFiles, tokenizer, folder: Path) -> None:
+    """The tokenizer as Mixtral's own folder holds it, for transformers 4.x and tools that read the SentencePiece
+    file (llama.cpp's converter, TGI): the chat template inside tokenizer_config.json (4.x before 4.51 does not
+    read chat_template.jinja), a class name 4.x knows, and tokenizer.model."""
+    tokenizer.save_pretrained(folder, save_jinja_files=False)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        # transformers 5's name for what 4.x calls PreTrainedTokenizerFast (5 keeps that name as an alias): both
+        # load tokenizer.json as it is. Not LlamaTokenizerFast: 5 rebuilds that class's pipeline (a Metaspace
+        # pre-tokenizer, no normalizer), which changes the ids of text that starts with a space.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _legacy_merges(folder / "tokenizer.json")
+    source = sentencepiece_model(run)
+    if source is None:
+        print(f"[export] no tokenizer.model: {run.tokenizer} holds none and the tokenizer is not {MIXTRAL_TOKENIZER}")
+        return
+    _check_same_vocabulary(source, tokenizer, run.tokenizer)
+    shutil.copyfile(source, folder / "tokenizer.model")
+
+
+def _legacy_merges(path: Path) -> None:
+    """BPE merges as "left right" strings, the form tokenizers before 0.20 (which transformers 4.44 and 4.45 pin)
+    reads, rather than pairs; the same merges when no piece holds a space, as in SentencePiece vocabularies."""
+    backend = json.loads(path.read_text(encoding="utf-8"))
+    merges = backend["model"].get("merges") or []
+    if all(isinstance(m, list) and " " not in "".join(m) for m in merges) and merges:
+        backend["model"]["merges"] = [" ".join(m) for m in merges]
+        path.write_text(json.dumps(backend, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def sentencepiece_model(run: RunFiles) -> Path | None:
+    """The run's tokenizer.model, else mistral-common's Mixtral model when the run used our rebuild of it
+    (transformers 5 does not save tokenizer.model with a tokenizer, so the run's folder rarely holds one)."""
+    if (run.tokenizer / "tokenizer.model").is_file():
+        return run.tokenizer / "tokenizer.model"
+    if run.recipe["model"]["tokenizer"] == MIXTRAL_TOKENIZER:
+        from finetune.tokenizer import mixtral_tokenizer_file
+
+        return mixtral_tokenizer_file()
+    return None
+
+
+def _check_same_vocabulary(model_file: Path, tokenizer, tokenizer_folder: Path) -> None:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    ours = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    if pieces != ours:
+        first = next((i for i, (a, b) in enumerate(zip(pieces, ours)) if a != b), min(len(pieces), len(ours)))
+        raise ExportError(f"{model_file}: not the vocabulary of the run's tokenizer {tokenizer_folder} ({len(pieces)} "
+                          f"pieces against {len(ours)}; first difference at id {first})")
+
+
+def _add_legacy_config_keys(path: Path) -> None:
+    """The keys transformers 4.x reads where 5 writes others: rope_theta (5 keeps it in rope_parameters; readers
+    built on 4.x, llama.cpp's converter among them, fall back to their own default theta without it), rope_scaling
+    for a rope other than the default, and torch_dtype (4.x before 4.56). transformers 5 reads them as the same."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+    if "dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _replace(staging: Path, out_dir: Path) -> None:

@@ -26,13 +26,15 @@ def resolve_device(spec: ModelSpec) -> str:
 
 def prepare_base(spec: ModelSpec, run_dir: Path, seed: int) -> Path:
     """The base checkpoint folder: the recipe's path, or the embedded tiny Mixtral built once into the run.
-    A checkpoint that is not a Mixtral is refused here, before any stage starts."""
-    from finetune.moe.loader import mixtral_config
+    A checkpoint that is not a Mixtral, or whose weight files are missing or damaged, is refused here, before any
+    stage starts."""
+    from finetune.moe.loader import check_weight_files, mixtral_config
 
     if spec.name_or_path != TINY_MIXTRAL:
         path = Path(spec.name_or_path) if Path(spec.name_or_path).exists() else _download(spec.name_or_path)
         with _naming_the_base(spec):
             mixtral_config(path)
+            check_weight_files(path)
         return path
     from finetune.moe.tiny import build_tiny_mixtral
 
@@ -43,17 +45,35 @@ def prepare_base(spec: ModelSpec, run_dir: Path, seed: int) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    """The hub checkpoint's folder in the Hugging Face cache, downloaded if it is not there yet."""
-    from huggingface_hub import snapshot_download
+    """The hub checkpoint's folder in the Hugging Face cache, downloaded if it is not there yet: its json files
+    (config, tokenizer, shard index) first, then only the weight files the index names. Mistral's repos hold the
+    same weights twice (the transformers shards and their own consolidated*.safetensors): all of `*.safetensors`
+    would double 8x7B's ~90 GB."""
+    import httpx2
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    from finetune.moe.loader import weight_files
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-    except OSError as e:  # offline with nothing cached, no network, unknown or gated repo (all OSErrors)
-        cause = one_line(e)
+        # snapshot_download asks the hub for the commit with no time limit, so it waits forever on a network that
+        # stalls the connection: this same small question first, with the hub's own metadata timeout
+        # (HF_HUB_ETAG_TIMEOUT, 10 s without a byte; the file downloads keep theirs), decides online or cache only
+        HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        unreachable = None
+    except (OSError, httpx2.TransportError) as e:  # offline, no network, unknown or gated repo, hub down
+        unreachable = e
+    try:
+        metadata = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=unreachable is not None))
+        return Path(snapshot_download(repo_id, revision=metadata.name, allow_patterns=weight_files(metadata),
+                                      local_files_only=unreachable is not None))
+    except (OSError, httpx2.TransportError) as e:  # not in the cache, or a download that failed
+        cause = unreachable or e
+        cached = getattr(e, "snapshot_path", None) if unreachable else None  # an IncompleteSnapshotError's
+        incomplete = f"; the cached copy in {cached} lacks some of its files" if cached else ""
         raise FinetuneError(
             f"model.name_or_path: {repo_id!r} is not a local folder, and getting it from the Hugging Face hub failed "
-            f"({cause}); download it first (hf download {repo_id} --include '*.json' '*.safetensors') or set "
-            "model.name_or_path to a local checkpoint folder") from None
+            f"({type(cause).__name__}: {one_line(cause)}{incomplete}); download it first (hf download {repo_id} "
+            "--include '*.json' 'model*.safetensors') or set model.name_or_path to a local checkpoint folder") from None
 
 
 @contextmanager

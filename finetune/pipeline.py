@@ -123,7 +123,7 @@ def run_stages(recipe: Recipe, resume: bool, stop, tokenizer, prepared: dict, ba
         with distributed.main_first():
             base_path = prepare_base(recipe.model, run_dir, recipe.seed)
     if distributed.is_main():
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        save_tokenizer(tokenizer, run_dir / "tokenizer")
     record = {"recipe": str((run_dir / "recipe.yaml").resolve()), "base_model": str(base_path.resolve()),
               "tokenizer": str((run_dir / "tokenizer").resolve()), "stages": {}}
 
@@ -257,6 +257,15 @@ def load_tokenizer(name: str):
         fix = ("give a folder holding tokenizer.json and tokenizer_config.json" if Path(name).exists() else
                f"download it first (hf download {name} --include '*.json' '*.model') or give a local tokenizer folder")
         raise FinetuneError(f"model.tokenizer {name!r}: cannot be loaded ({cause}); {fix}") from None
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The run's tokenizer, with the SentencePiece file it was loaded from: transformers 5 saves tokenizer.json only,
+    and the export hands tokenizer.model on to the tools that read it (llama.cpp's converter, TGI)."""
+    tokenizer.save_pretrained(folder)
+    source = getattr(tokenizer, "vocab_file", None)
+    if source and Path(source).name == "tokenizer.model" and Path(source).is_file():
+        shutil.copyfile(source, folder / "tokenizer.model")
 
 
 def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None,

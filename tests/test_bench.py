@@ -10,6 +10,8 @@ def test_tiny_bench_prints_fast_and_naive_rows_and_the_ratio(capsys):
     assert bench.main(["--tiny", "--cpu", "--quick", "--steps", "1", "--warmup", "0", "--check-seq", "64"]) == 0
     out = capsys.readouterr().out
     assert "-> PASS" in out
+    # every LoRA gradient is compared, attention's too: 2 layers x (4 attention + 3 expert projections) x (A, B)
+    assert "LoRA grads (28 tensors)" in out
     table = out[out.index("| path |"):]
     header = table.splitlines()[0].split("|")
     losses = {}
@@ -28,7 +30,8 @@ def test_tiny_bench_prints_fast_and_naive_rows_and_the_ratio(capsys):
 
 def test_no_speed_without_a_passing_check(monkeypatch, capsys):
     def failing(peft_model, seq, loss_fn, tol):
-        model = bench.ModelComparison(loss=1.0, grads=1.0, worst=("x", 1.0), floor_loss=0.0, floor_grads=0.0)
+        model = bench.ModelComparison(loss=1.0, grads=1.0, worst=("x", 1.0), floor_loss=0.0, floor_grads=0.0,
+                                      tensors=1)
         return bench.CheckResult(layer={"output": 1.0}, model=model, passed=False)
 
     monkeypatch.setattr(bench, "check_fast_path", failing)

@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from finetune import model as models
 from finetune.cli import main
-from finetune.export import (ExportError, RunFiles, _prompts, check_out_dir, export_adapter, export_merged,
-                             verify_export)
+from finetune.export import (ExportError, RunFiles, _add_legacy_config_keys, _prompts, check_out_dir, export_adapter,
+                             export_merged, verify_export)
 from finetune.recipe.schema import LoraSpec, ModelSpec
+from finetune.tokenizer import CHAT_TEMPLATE, mixtral_tokenizer_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,6 +124,10 @@ def test_adapter_only_export_loads_with_stock_peft(run, tmp_path):
     stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32),
                                       tmp_path / "bf16")
     assert all(torch.isfinite(x).all() for x in logits(stock, run))
+    for folder in (out, tmp_path / "bf16"):  # the tokenizer as in a merged export (see the tests below)
+        assert (folder / "tokenizer.model").read_bytes() == mixtral_tokenizer_file().read_bytes()
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_export_and_chat_from_the_command_line(run, tmp_path, capsys, monkeypatch):
@@ -318,7 +323,8 @@ def test_the_merged_export_is_a_stock_mixtral_checkpoint(run, float32_export, tm
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert config["dtype"] == "float32" and "quantization_config" not in config
-    assert set(config) <= set(json.loads((tmp_path / "stock" / "config.json").read_text()))
+    legacy = {"rope_theta", "torch_dtype"}  # for transformers 4.x readers, see test_the_exported_config_...
+    assert set(config) - legacy <= set(json.loads((tmp_path / "stock" / "config.json").read_text()))
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
@@ -370,3 +376,92 @@ def test_a_full_disk_or_unwritable_folder_is_a_clear_error_and_keeps_the_earlier
         assert main(["export", str(run.run_dir), "--out", str(tmp_path / "a-file" / "export"), *mode]) == 2
         assert capsys.readouterr().err.startswith(f"error: export folder {tmp_path / 'a-file' / 'export'}: "
                                                   "[Errno 20] Not a directory")
+
+
+def quickstart_conversations() -> list[list[dict]]:
+    """Every conversation of the quickstart data: SFT rows, and each preference row's prompt with either answer."""
+    rows = [json.loads(line) for name in ("sft", "preference")
+            for line in (ROOT / "data" / "quickstart" / f"{name}.jsonl").read_text().splitlines()]
+    conversations = [row["messages"] for row in rows if "messages" in row]
+    conversations += [row["prompt"] + row[answer]
+                      for row in rows if "prompt" in row for answer in ("chosen", "rejected")]
+    assert len(conversations) > 100
+    return conversations
+
+
+def test_the_exported_tokenizer_is_laid_out_as_mixtrals_and_encodes_as_the_runs(run, float32_export):
+    """What transformers 4.x and tools that read tokenizer.model need (Mixtral's own folder holds the same), and the
+    same ids from transformers 5 as the run's tokenizer. transformers 4.57 on this folder was checked by hand (see the
+    export's save_tokenizer): LlamaTokenizerFast would load in 4.x but changes ids in 5, so the class is
+    PreTrainedTokenizerFast."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    out = float32_export
+    # the run's folder has no tokenizer.model (transformers 5 saves none): mistral-common's is the one our rebuild uses
+    assert not (run.tokenizer / "tokenizer.model").exists()
+    assert (out / "tokenizer.model").read_bytes() == mixtral_tokenizer_file().read_bytes()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"] == CHAT_TEMPLATE
+    merges = json.loads((out / "tokenizer.json").read_text())["model"]["merges"]  # tokenizers < 0.20 reads only these
+    assert merges[0] == "▁ t" and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+
+    trained, exported = AutoTokenizer.from_pretrained(run.tokenizer), AutoTokenizer.from_pretrained(out)
+    assert exported.chat_template == CHAT_TEMPLATE and exported.padding_side == "left"
+    conversations = quickstart_conversations()
+    texts = [message["content"] for conversation in conversations for message in conversation]
+    texts += [" leading space", "  two", "\n newline first", "a</s>b"]
+    assert exported(texts)["input_ids"] == trained(texts)["input_ids"]
+    for conversation in conversations:
+        assert (exported.apply_chat_template(conversation, tokenize=True, return_dict=False)
+                == trained.apply_chat_template(conversation, tokenize=True, return_dict=False))
+        prompt = dict(tokenize=True, return_dict=False, add_generation_prompt=True)
+        assert (exported.apply_chat_template(conversation[:-1], **prompt)
+                == trained.apply_chat_template(conversation[:-1], **prompt))
+    # the SentencePiece file encodes as the exported tokenizer does (text as text: SentencePiece has no control
+    # strings)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert sp.encode(texts) == exported(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_a_tokenizer_model_of_another_vocabulary_fails_the_export(run, tmp_path):
+    import sentencepiece
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(run.tokenizer, tokenizer)
+    texts = [m["content"] for conversation in quickstart_conversations() for m in conversation]
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "other"),
+                                             vocab_size=300, model_type="bpe", minloglevel=2)
+    shutil.copyfile(tmp_path / "other.model", tokenizer / "tokenizer.model")
+    other = RunFiles(run.run_dir, run.base_model, run.adapter, tokenizer, run.recipe)
+    with pytest.raises(ExportError, match=re.escape(f"{tokenizer / 'tokenizer.model'}: not the vocabulary of the "
+                                                    f"run's tokenizer {tokenizer} (300 pieces against 32000")):
+        export_adapter(other, tmp_path / "export", dtype="float32")
+    assert not (tmp_path / "export").exists() and not (tmp_path / "export.partial").exists()
+
+
+def test_the_exported_config_keeps_the_keys_transformers_4_reads(run, float32_export, tmp_path):
+    """transformers 5 writes rope_parameters and dtype; 4.x readers look for rope_theta and torch_dtype and fall back
+    to their own defaults without them. transformers 5 reads the config with the keys as the same config."""
+    from transformers import AutoConfig
+
+    config = json.loads((float32_export / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 1e6
+    assert config["torch_dtype"] == config["dtype"] == "float32" and "rope_scaling" not in config  # a default rope
+    loaded = AutoConfig.from_pretrained(float32_export).to_dict()
+    base = AutoConfig.from_pretrained(run.base_model).to_dict()
+    assert {k: v for k, v in loaded.items() if k not in ("dtype", "_name_or_path")} == {
+        k: v for k, v in base.items() if k not in ("dtype", "_name_or_path")}
+
+    # a rope other than the default also goes where 4.x reads it, as rope_scaling
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                                 "original_max_position_embeddings": 64}
+    for key in ("rope_theta", "torch_dtype"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    before = AutoConfig.from_pretrained(tmp_path).to_dict()
+    _add_legacy_config_keys(tmp_path / "config.json")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == 5e5 and written["rope_scaling"] == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    assert AutoConfig.from_pretrained(tmp_path).to_dict() == before

@@ -1,9 +1,12 @@
 """The recipe reaches the model: the LoRA section (groups, ranks, dropout per group, the router switch) and a
 stage's memory settings."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -125,30 +128,115 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.model import prepare_base
 from finetune.recipe.schema import ModelSpec
-try:
-    print(prepare_base(ModelSpec(name_or_path="mistralai/Mixtral-8x7B-v0.1"), Path(sys.argv[1]), 0))
-except FinetuneError as e:
-    print("error:", e)
+for repo_id in sys.argv[2:]:
+    try:
+        print(prepare_base(ModelSpec(name_or_path=repo_id), Path(sys.argv[1]), 0))
+    except FinetuneError as e:
+        print("error:", e)
 """
 
 
-def test_a_hub_id_without_network_or_cache_is_one_clear_error(tmp_path, base_path):
-    """No network here: a hub endpoint that refuses connections (a closed local port), as a machine without network
-    meets it (HF_HUB_OFFLINE=1 fails the same way, an OSError, without trying; one child process per case costs
-    seconds of imports, so this one stands for both)."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    env.pop("HF_HUB_OFFLINE", None)
-    run = lambda: subprocess.run([sys.executable, "-c", _PREPARE, str(tmp_path / "run")], env=env,  # noqa: E731
-                                 capture_output=True, text=True, timeout=120)
-    done = run()
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory):
+    """The tiny Mixtral as the hub holds 8x7B: numbered shards and model.safetensors.index.json."""
+    return build_tiny_mixtral(tmp_path_factory.mktemp("sharded"), seed=3, max_shard_size="8MB")
+
+
+def _hub_cache(hub, repo_id: str, files: dict[str, bytes], listed: list[str]):
+    """A repo in a Hugging Face cache laid out as huggingface_hub lays it out: blobs, a snapshot folder of links to
+    them, refs/main naming the commit, and the commit's file listing (trees/<commit>.json), which snapshot_download
+    consults offline to refuse a snapshot that lacks a file it was asked for."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for folder in (snapshot, repo / "blobs", repo / "refs", repo / "trees"):
+        folder.mkdir(parents=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs" / "main").write_text(commit)
+    listing = {name: {"size": len(files.get(name, b"")) or 2**30, "blob_id": "0" * 40} for name in listed}
+    (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
+    return snapshot
+
+
+def test_a_hub_id_resolves_from_the_cache_without_its_consolidated_weights_or_is_one_clear_error(tmp_path,
+                                                                                                  sharded_base):
+    """No network here: a hub endpoint that accepts connections and never answers, the worst way a hub cannot be
+    reached (a closed port, no route or HF_HUB_OFFLINE=1 fail at once, and take the same way: the cache is read).
+    The question for the commit has the hub's metadata timeout (1 s here), where snapshot_download alone waits
+    forever. One child process answers for three repos, since each costs seconds of imports:
+    - one cached as `hf download --include '*.json' 'model*.safetensors'` (the error's advice) leaves it: the
+      shards but not the consolidated.safetensors that the repo's listing also names (asking for every
+      *.safetensors, the cache would be refused as incomplete);
+    - one cached with both kinds of weights: the loader reads the shards the index names;
+    - one not cached: a one-line error with the advice."""
+    hub = tmp_path / "hub"
+    files = {p.name: p.read_bytes() for p in sharded_base.iterdir()}
+    assert len([name for name in files if name.startswith("model-")]) > 1
+    files["params.json"] = b"{}"  # mistral's own config, a json file like the others
+    listed = [*files, "consolidated.safetensors", "tokenizer.model"]
+    shards_only = _hub_cache(hub, "mistralai/Mixtral-8x7B-v0.1", files, listed)
+    both = _hub_cache(hub, "mistralai/Mixtral-8x7B-Instruct-v0.1",
+                      {**files, "consolidated.safetensors": b"not read"}, listed)
+    repos = ["mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x22B-v0.1"]
+    with socket.socket() as stalled:  # the kernel completes the connections; nothing ever answers
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(16)
+        env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_ENDPOINT": f"http://127.0.0.1:{stalled.getsockname()[1]}",
+               "HF_HUB_ETAG_TIMEOUT": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        done = subprocess.run([sys.executable, "-c", _PREPARE, str(tmp_path / "run"), *repos], env=env,
+                              capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout.strip()
-    assert out.startswith("error: model.name_or_path: 'mistralai/Mixtral-8x7B-v0.1' is not a local folder"), out
-    assert "download it first (hf download mistralai/Mixtral-8x7B-v0.1" in out and "\n" not in out
-    # the advice works: once it is in the cache (as `hf download` leaves it), the same recipe finds it offline
-    repo = tmp_path / "hf" / "hub" / "models--mistralai--Mixtral-8x7B-v0.1"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    shutil.copytree(base_path, repo / "snapshots" / ("0" * 40))
-    done = run()
-    assert done.stdout.strip() == str(repo / "snapshots" / ("0" * 40)), done.stdout + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [str(shards_only), str(both)], done.stdout + done.stderr[-2000:]
+    assert lines[2].startswith("error: model.name_or_path: 'mistralai/Mixtral-8x22B-v0.1' is not a local folder, "
+                               "and getting it from the Hugging Face hub failed (ReadTimeout: "), lines[2]
+    assert "download it first (hf download mistralai/Mixtral-8x22B-v0.1 --include '*.json' 'model*.safetensors')" \
+        in lines[2] and len(lines) == 3
+    plain = lambda path: ModelSpec(name_or_path=str(path), compute_dtype="float32", quantization=None)  # noqa: E731
+    model, _ = models.load_base(plain(both), both, "cpu")
+    reference, _ = models.load_base(plain(sharded_base), sharded_base, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_the_hub_download_asks_for_the_indexed_weights_only(tmp_path, sharded_base):
+    """What snapshot_download would fetch from a repo that holds the weights twice, as mistralai's do: the json
+    files, then the shards the index names (or model.safetensors when there is no index), never consolidated*."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from finetune.moe.loader import weight_files
+
+    shards = sorted(p.name for p in sharded_base.glob("model-*.safetensors"))
+    repo = [".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors.index.json",
+            *shards, "consolidated.safetensors", *(f"consolidated-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+            "params.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+    fetch = lambda patterns: list(filter_repo_objects(repo, allow_patterns=patterns))  # noqa: E731
+    assert fetch(["*.json"]) == ["config.json", "generation_config.json", "model.safetensors.index.json",
+                                 "params.json", "tokenizer.json", "tokenizer_config.json"]
+    assert fetch(weight_files(sharded_base)) == shards
+    single = tmp_path / "single"  # a repo without an index: its one file
+    single.mkdir()
+    assert weight_files(single) == ["model.safetensors"]
+    assert fetch(weight_files(single)) == [] and "model.safetensors" not in repo  # a name, not a pattern to widen
+
+
+def test_a_damaged_weight_file_is_refused_before_the_run_folder_is_made(tmp_path, sharded_base, tiny_recipe):
+    """A truncated shard (an interrupted download) is named by prepare_base, from the headers, before `finetune run`
+    writes anything: no run folder is left behind."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sharded_base, damaged)
+    shard = sorted(damaged.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(FinetuneError, match=rf"^model.name_or_path '{damaged}': {shard}: cannot be read \(truncated: "):
+        models.prepare_base(ModelSpec(name_or_path=str(damaged)), tmp_path / "run", seed=0)
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", sft={"max_steps": 2})
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(recipe), f"output_dir={out}",
+                           f"model.name_or_path={damaged}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.split(r"[\r\n]", done.stderr.strip())[-1].startswith(
+        f"error: model.name_or_path '{damaged}': {shard}: cannot be read (truncated: "), done.stderr[-3000:]
+    assert not out.exists()

@@ -150,3 +150,16 @@ def test_save_and_plain_autotokenizer_reload_is_identical(tokenizer, reference, 
     mistral = MistralTokenizer.from_file(mixtral_tokenizer_file(), mode=ValidationMode.finetuning)
     expected = mistral.encode_chat_completion(request).tokens
     assert loaded.apply_chat_template(conversation, tokenize=True, return_dict=False) == expected
+
+
+def test_a_run_keeps_the_sentencepiece_file_its_tokenizer_came_with(tokenizer, tmp_path):
+    """transformers 5 saves tokenizer.json only; the run's copy keeps tokenizer.model for the export to hand on."""
+    from finetune.pipeline import save_tokenizer
+
+    given = tmp_path / "given"
+    tokenizer.save_pretrained(given)
+    (given / "tokenizer.model").write_bytes(mixtral_tokenizer_file().read_bytes())
+    save_tokenizer(AutoTokenizer.from_pretrained(given), tmp_path / "run-tokenizer")
+    assert (tmp_path / "run-tokenizer" / "tokenizer.model").read_bytes() == mixtral_tokenizer_file().read_bytes()
+    save_tokenizer(tokenizer, tmp_path / "rebuilt")  # built from mistral-common's file: no tokenizer.model of its own
+    assert not (tmp_path / "rebuilt" / "tokenizer.model").exists()

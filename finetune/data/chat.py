@@ -41,10 +41,15 @@ def tokenize_conversation(
 
 
 def tokenize_conversations(
-    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool = False
+    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool = False,
+    prompt_lengths: list[int] | None = None,
 ) -> list[dict[str, list[int]] | ConversationError]:
     """`tokenize_conversation` for many conversations with one tokenizer call for all their turns (much faster);
-    a conversation that cannot be encoded gives its ConversationError in its place."""
+    a conversation that cannot be encoded gives its ConversationError in its place.
+
+    `prompt_lengths` gives each conversation's number of first messages that are its prompt: assistant turns among
+    them are context and stay 0 in the mask (unless `train_on_prompt`).
+    """
     checked: list[list[tuple[str, str]] | ConversationError] = []
     for messages in conversations:
         try:
@@ -54,15 +59,17 @@ def tokenize_conversations(
     encoded = iter(_encode_texts(tokenizer, [text for turns in checked if isinstance(turns, list)
                                              for _, text in turns]))
     examples: list[dict[str, list[int]] | ConversationError] = []
-    for turns in checked:
+    for turns, messages, prompt_length in zip(checked, conversations, prompt_lengths or [0] * len(conversations)):
         if isinstance(turns, ConversationError):
             examples.append(turns)
             continue
+        # a system message is encoded within the first user turn: count the prompt in turns
+        prompt_turns = sum(m["role"] != "system" for m in messages[:prompt_length])
         input_ids, completion_mask = [tokenizer.bos_token_id], [0]
-        for role, _ in turns:
+        for number, (role, _) in enumerate(turns):
             ids = next(encoded) + ([tokenizer.eos_token_id] if role == "assistant" else [])
             input_ids += ids
-            completion_mask += [int(role == "assistant")] * len(ids)
+            completion_mask += [int(role == "assistant" and number >= prompt_turns)] * len(ids)
         if train_on_prompt:  # "<s>" stays 0: nothing predicts it, and the trained-token counts must not count it
             completion_mask = [0] + [1] * (len(input_ids) - 1)
         examples.append({"input_ids": input_ids, "completion_mask": completion_mask})

@@ -43,16 +43,18 @@ def _status_features() -> dict:
 
 def sft_examples(batch: dict[str, list], *, row_format: str, columns: dict, tokenizer, max_seq_len: int,
                  on_too_long: str, train_on_prompt: bool) -> dict[str, list]:
-    """Chat, prompt/completion or instruction rows to `input_ids` and a `completion_mask` of the trained tokens."""
+    """Chat, prompt/completion or instruction rows to `input_ids` and a `completion_mask` of the trained tokens: every
+    assistant turn of a chat row, the completion of a prompt/completion row (all but "<s>" with `train_on_prompt`)."""
     rows = _rows(batch)
     out: list[dict | None] = [None] * len(rows)
-    conversations: list[tuple[int, list[dict]]] = []
+    conversations: list[tuple[int, tuple[list[dict], int]]] = []
     for index, row in enumerate(rows):
         try:
             conversations.append((index, sft_messages(raw_row(row), row_format, columns)))
         except BadRow as e:
             out[index] = _rejected(row, e.reason, str(e), sft=True)
-    encoded = tokenize_conversations([m for _, m in conversations], tokenizer, train_on_prompt=train_on_prompt)
+    encoded = tokenize_conversations([m for _, (m, _) in conversations], tokenizer, train_on_prompt=train_on_prompt,
+                                     prompt_lengths=[n for _, (_, n) in conversations])
     for (index, _), example in zip(conversations, encoded):
         out[index] = _sft_example(rows[index], example, max_seq_len, on_too_long)
     return _columns(out)
@@ -68,7 +70,7 @@ def _sft_example(row: dict, example: dict | ConversationError, max_seq_len: int,
             return _rejected(row, "too_long", f"{length} tokens, max_seq_len is {max_seq_len}", sft=True, length=length)
         ids, mask, truncated = ids[:max_seq_len], mask[:max_seq_len], True
     if not any(mask):
-        detail = f"the first {max_seq_len} of its {length} tokens (max_seq_len) hold no assistant token"
+        detail = f"the first {max_seq_len} of its {length} tokens (max_seq_len) hold none of the tokens it trains on"
         return _rejected(row, "no_trainable_tokens", detail, sft=True, length=length)
     return {"input_ids": ids, "completion_mask": mask,
             **_status(row, length=len(ids), truncated=truncated, trained=sum(mask))}

@@ -56,14 +56,19 @@ def detect_format(keys: Iterable[str], columns: Mapping[str, str]) -> str | None
     return None
 
 
-def sft_messages(row: Mapping, row_format: str, columns: Mapping[str, str]) -> list[dict]:
-    """A chat, prompt/completion or instruction row as the messages of one training conversation."""
+def sft_messages(row: Mapping, row_format: str, columns: Mapping[str, str]) -> tuple[list[dict], int]:
+    """A chat, prompt/completion or instruction row as the messages of one training conversation, and how many of
+    its first messages are the prompt: context whose assistant turns are not trained. A prompt/completion row trains
+    its completion only (trl's completion_only_loss); a chat row trains every assistant turn."""
     if row_format == "messages":
-        return _message_list(_field(row, "messages", columns), _column("messages", columns))
+        messages = _message_list(_field(row, "messages", columns), _column("messages", columns))
+        return _with_system(row, columns, messages), 0
     if row_format == "prompt_completion":
-        prompt = _turns(row, "prompt", columns, "user")
+        prompt = _with_system(row, columns, _turns(row, "prompt", columns, "user"))
         completion = _turns(row, "completion", columns, "assistant")
-        return _with_system(row, columns, prompt) + completion
+        if not completion:  # else a prompt ending with an assistant turn would be trained as if it were the reply
+            raise BadRow("missing_field", f"'{_column('completion', columns)}' holds no message")
+        return prompt + completion, len(prompt)
     if row_format == "instruction":
         instruction = _text(row, "instruction", columns)
         extra = _field(row, "input", columns, required=False)
@@ -71,7 +76,8 @@ def sft_messages(row: Mapping, row_format: str, columns: Mapping[str, str]) -> l
             raise BadRow("wrong_type", f"'{_column('input', columns)}' must be a string, got {type(extra).__name__}")
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output", columns)}]
-        return _with_system(row, columns, messages)
+        messages = _with_system(row, columns, messages)
+        return messages, len(messages) - 1
     raise ValueError(f"not an SFT row format: {row_format!r}")
 
 
@@ -110,17 +116,16 @@ def _text(row: Mapping, field: str, columns: Mapping[str, str]) -> str:
 
 
 def _turns(row: Mapping, field: str, columns: Mapping[str, str], role: str) -> list[dict]:
-    """A text (one message with `role`) or a list of messages (also as JSON text, as CSV cells hold them)."""
+    """A text (one message with `role`) or a list of messages (a CSV cell's JSON text is decoded when read)."""
     value = _field(row, field, columns)
     if isinstance(value, str):
-        decoded = _json_messages(value)
-        return decoded if decoded is not None else [{"role": role, "content": value}]
+        return [{"role": role, "content": value}]
     return _message_list(value, _column(field, columns))
 
 
 def _message_list(value, column: str) -> list[dict]:
     if isinstance(value, str):
-        decoded = _json_messages(value)
+        decoded = json_messages(value)
         if decoded is None:
             raise BadRow("wrong_type", f"'{column}' must be a list of messages, got a string that is not one")
         value = decoded
@@ -129,7 +134,7 @@ def _message_list(value, column: str) -> list[dict]:
     return value
 
 
-def _json_messages(text: str) -> list | None:
+def json_messages(text: str) -> list | None:
     """A list of role/content messages written as JSON text, or None when the text is not one."""
     if not text.lstrip().startswith("["):
         return None

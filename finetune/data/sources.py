@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.data.formats import TOO_NESTED
+from finetune.data.formats import TOO_NESTED, BadRow, json_messages
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import SPLIT, DataSource
 
@@ -199,12 +199,25 @@ def _csv_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
             columns = len(reader.fieldnames)
             yield number, "", f"wrong_type: {columns + len(record[None])} cells for {columns} columns"
             continue
-        # An empty cell is a missing value (a CSV cannot tell them apart).
-        text = json.dumps({k: (v if v != "" else None) for k, v in record.items()}, ensure_ascii=False)
+        try:
+            text = json.dumps({k: _csv_cell(v) for k, v in record.items()}, ensure_ascii=False)
+        except BadRow as e:
+            yield number, "", f"{e.reason}: {e}"
+            continue
         if _has_bad_bytes(text):
             yield number, "", "invalid_utf8: not valid UTF-8"
         else:
             yield number, text, ""
+
+
+def _csv_cell(text: str):
+    """A CSV cell as the value a JSON row would hold: an empty cell is a missing value (a CSV cannot tell them
+    apart), and a list of role/content messages written as JSON text is that list (a cell holds only text). Only
+    CSV cells are decoded: a JSON or Parquet string that looks like messages is text someone wrote."""
+    if text == "":
+        return None
+    messages = json_messages(text)
+    return text if messages is None else messages
 
 
 def _has_bad_bytes(text: str) -> bool:

@@ -7,6 +7,7 @@ holds the model in bf16: the peak is about the quantized model plus one layer's 
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|
 RECOMPUTED = re.compile(r"\.rotary_emb\.inv_freq$")
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER = 100_000_000  # safetensors refuses a longer header
 
 
 class CheckpointKeyError(FinetuneError):
@@ -55,6 +57,68 @@ def mixtral_config(path: Path):
     return MixtralConfig.from_pretrained(path)
 
 
+def weight_files(path: Path) -> list[str]:
+    """The safetensors files of a checkpoint folder that the loader reads: those its index names, or model.safetensors
+    (there or not yet: the hub download fetches exactly these, and none of the mistral repos' consolidated* copies)."""
+    index = path / INDEX
+    if not index.is_file():
+        return [SINGLE_FILE]
+    return sorted(set(_weight_map(index).values()))
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise TypeError("a file name that is not a string")
+        return weight_map
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise FinetuneError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+
+
+def check_weight_files(path: Path) -> None:
+    """Each weight file's safetensors header read, and every tensor's byte range checked against the file's size:
+    a missing, truncated or damaged file (an incomplete download) is refused in a moment, before a run starts,
+    rather than when a stage loads the model. The tensor data is never read (8x7B's shards are ~90 GB)."""
+    for name in _Checkpoint(path).files:
+        file = path / name
+        try:
+            problem = _header_problem(file)
+        except OSError as e:
+            problem = e.strerror or str(e)
+        if problem:
+            raise _unreadable(file, problem)
+
+
+def _header_problem(file: Path) -> str | None:
+    """What safetensors refuses when it opens the file, found from the header alone: a header that is not one, or
+    tensor byte ranges that do not cover the data exactly (safe_open maps the whole file to check the same)."""
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"the file holds {size} bytes, too few for its header"
+        if length > MAX_HEADER:  # a damaged length: reading it would read the tensor data
+            return f"a damaged header (its length reads {length} bytes)"
+        try:
+            header = json.loads(f.read(length))
+            ranges = {key: entry["data_offsets"] for key, entry in header.items() if key != "__metadata__"}
+            last = max(ranges, key=lambda key: ranges[key][1], default=None)
+            in_order = all(0 <= begin <= end for begin, end in ranges.values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not safetensors' fields
+            return f"a damaged header ({type(e).__name__})"
+    data, end = size - 8 - length, ranges[last][1] if last is not None else 0
+    if end > data:
+        return f"truncated: tensor {last} ends at byte {end} of the data, but the file holds {data}"
+    if end < data or not in_order:
+        return f"its {data} bytes of tensor data do not match the byte ranges its header gives"
+    return None
+
+
+def _unreadable(file: Path, cause) -> FinetuneError:
+    return FinetuneError(f"{file}: cannot be read ({cause}); download the checkpoint again")
+
+
 class _Checkpoint:
     """The safetensors files of a checkpoint folder (the index's shards, or model.safetensors), read one tensor at
     a time; it remembers which file each tensor came from, for errors that name it."""
@@ -63,13 +127,9 @@ class _Checkpoint:
         self.path = path
         self.weight_map: dict[str, str] = {}
         self.source: dict[str, Path] = {}
-        index = path / INDEX
-        if index.is_file():
-            try:
-                self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                self.files = sorted(set(self.weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise FinetuneError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        if (path / INDEX).is_file():
+            self.weight_map = _weight_map(path / INDEX)
+            self.files = sorted(set(self.weight_map.values()))
         elif (path / SINGLE_FILE).is_file():
             self.files = [SINGLE_FILE]
         else:
@@ -87,7 +147,7 @@ class _Checkpoint:
                         self.source[key] = file
                         yield key, tensor
             except (OSError, SafetensorError) as e:  # a missing, truncated or damaged file: an incomplete download
-                raise FinetuneError(f"{file}: cannot be read ({e}); download the checkpoint again") from None
+                raise _unreadable(file, e) from None
 
     def where(self, key: str) -> str:
         """The file to blame for a problem with `key`: where it was read, or where it should have been."""

@@ -98,7 +98,7 @@ SFT_FORMATS = ("messages", "prompt_completion", "instruction")
 ROW_FORMATS = (*SFT_FORMATS, "preference")
 # The fields each row format reads; `columns` renames them. "system" is an optional system prompt column.
 FORMAT_FIELDS = {
-    "messages": ("messages",),
+    "messages": ("messages", "system"),
     "prompt_completion": ("prompt", "completion", "system"),
     "instruction": ("instruction", "input", "output", "system"),
     "preference": ("prompt", "chosen", "rejected", "system"),

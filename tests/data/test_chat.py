@@ -131,6 +131,20 @@ def test_completion_mask_is_exactly_each_assistant_turn_and_its_eos(tokenizer, m
         assert example["completion_mask"][0] == 0
 
 
+def test_prompt_lengths_leave_the_prompt_assistant_turns_untrained(tokenizer, mistral, mistral_text):
+    batch = conversations(100, seed=7)
+    rng = random.Random(7)
+    lengths = [rng.randrange(len(messages)) for messages in batch]  # the prompt may hold the system message alone
+    examples = tokenize_conversations(batch, tokenizer, prompt_lengths=lengths)
+    for messages, length, example in zip(batch, lengths, examples):
+        assert example["input_ids"] == mistral(messages)  # only the mask depends on where the prompt ends
+        answers = [m["content"] for m in messages[length:] if m["role"] == "assistant"]
+        assert mask_runs(example["input_ids"], example["completion_mask"]) == \
+            [mistral_text.encode(a, bos=False, eos=True) for a in answers]
+    full = tokenize_conversations(batch[:5], tokenizer, train_on_prompt=True, prompt_lengths=lengths[:5])
+    assert full == tokenize_conversations(batch[:5], tokenizer, train_on_prompt=True)
+
+
 def test_train_on_prompt_masks_every_token_but_bos(tokenizer, mistral):
     messages = conversations(1, seed=3)[0]
     example = tokenize_conversation(messages, tokenizer, train_on_prompt=True)

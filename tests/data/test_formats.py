@@ -19,28 +19,35 @@ def assistant(text):
     return {"role": "assistant", "content": text}
 
 
-@pytest.mark.parametrize(("row", "row_format", "columns", "expected"), [
-    ({"messages": [S, U, A, U, A]}, "messages", {}, [S, U, A, U, A]),
-    ({"conversation": [U, A]}, "messages", {"messages": "conversation"}, [U, A]),
-    ({"messages": json.dumps([U, A])}, "messages", {}, [U, A]),  # a CSV cell holds the list as JSON text
-    ({"prompt": "hi", "completion": "hello"}, "prompt_completion", {}, [U, A]),
-    ({"prompt": [S, U], "completion": [A]}, "prompt_completion", {}, [S, U, A]),
-    ({"prompt": [U, A, U], "completion": "bye"}, "prompt_completion", {}, [U, A, U, assistant("bye")]),
-    ({"prompt": "hi", "completion": "hello", "system": "be brief"}, "prompt_completion", {}, [S, U, A]),
-    ({"q": "hi", "a": "hello"}, "prompt_completion", {"prompt": "q", "completion": "a"}, [U, A]),
+@pytest.mark.parametrize(("row", "row_format", "columns", "expected", "prompt"), [
+    ({"messages": [S, U, A, U, A]}, "messages", {}, [S, U, A, U, A], 0),
+    ({"conversation": [U, A]}, "messages", {"messages": "conversation"}, [U, A], 0),
+    ({"messages": json.dumps([U, A])}, "messages", {}, [U, A], 0),  # a CSV cell holds the list as JSON text
+    ({"messages": [U, A], "system": "be brief"}, "messages", {}, [S, U, A], 0),
+    ({"messages": [U, A], "sys": "be brief"}, "messages", {"system": "sys"}, [S, U, A], 0),
+    ({"messages": [S, U, A], "system": ""}, "messages", {}, [S, U, A], 0),
+    ({"prompt": "hi", "completion": "hello"}, "prompt_completion", {}, [U, A], 1),
+    ({"prompt": [S, U], "completion": [A]}, "prompt_completion", {}, [S, U, A], 2),
+    # a multi-turn prompt: its assistant turn is context, the completion is what is trained
+    ({"prompt": [U, A, U], "completion": "bye"}, "prompt_completion", {}, [U, A, U, assistant("bye")], 3),
+    ({"prompt": [U, A, U], "completion": "bye", "system": "be brief"}, "prompt_completion", {},
+     [S, U, A, U, assistant("bye")], 4),
+    ({"prompt": "hi", "completion": "hello", "system": "be brief"}, "prompt_completion", {}, [S, U, A], 2),
+    ({"q": "hi", "a": "hello"}, "prompt_completion", {"prompt": "q", "completion": "a"}, [U, A], 1),
     ({"prompt": "[1, 2] sorted?", "completion": "yes"}, "prompt_completion", {},
-     [user("[1, 2] sorted?"), assistant("yes")]),  # JSON-looking text that is not messages stays text
+     [user("[1, 2] sorted?"), assistant("yes")], 1),  # JSON-looking text that is not messages stays text
     ({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "instruction", {},
-     [user("Add.\n\n2 and 3"), assistant("5")]),
-    ({"instruction": "Say hi.", "input": "", "output": "hi"}, "instruction", {}, [user("Say hi."), assistant("hi")]),
-    ({"instruction": "Say hi.", "output": "hi"}, "instruction", {}, [user("Say hi."), assistant("hi")]),
+     [user("Add.\n\n2 and 3"), assistant("5")], 1),
+    ({"instruction": "Say hi.", "input": "", "output": "hi"}, "instruction", {}, [user("Say hi."), assistant("hi")],
+     1),
+    ({"instruction": "Say hi.", "output": "hi"}, "instruction", {}, [user("Say hi."), assistant("hi")], 1),
     ({"instruction": "Say hi.", "output": "hi", "system": "be brief"}, "instruction", {},
-     [S, user("Say hi."), assistant("hi")]),
+     [S, user("Say hi."), assistant("hi")], 2),
     ({"task": "Say hi.", "answer": "hi"}, "instruction", {"instruction": "task", "output": "answer"},
-     [user("Say hi."), assistant("hi")]),
+     [user("Say hi."), assistant("hi")], 1),
 ])
-def test_sft_rows_to_messages(row, row_format, columns, expected):
-    assert sft_messages(row, row_format, columns) == expected
+def test_sft_rows_to_messages_and_their_prompt_length(row, row_format, columns, expected, prompt):
+    assert sft_messages(row, row_format, columns) == (expected, prompt)
 
 
 @pytest.mark.parametrize(("row", "columns", "expected"), [
@@ -49,6 +56,8 @@ def test_sft_rows_to_messages(row, row_format, columns, expected):
     # ultrafeedback_binarized: chosen and rejected repeat the prompt
     ({"prompt": "hi", "chosen": [U, A], "rejected": [U, assistant("no")]}, {}, ([U], [A], [assistant("no")])),
     ({"prompt": "hi", "chosen": "hello", "rejected": "no", "system": "be brief"}, {},
+     ([S, U], [A], [assistant("no")])),
+    ({"prompt": "hi", "chosen": [U, A], "rejected": [U, assistant("no")], "sys": "be brief"}, {"system": "sys"},
      ([S, U], [A], [assistant("no")])),
     ({"question": "hi", "good": "hello", "bad": "no"}, {"prompt": "question", "chosen": "good", "rejected": "bad"},
      ([U], [A], [assistant("no")])),
@@ -70,6 +79,10 @@ def test_preference_rows_to_trl_conversational_form(row, columns, expected):
     ({"instruction": "x", "input": 2, "output": "y"}, "instruction", {}, "wrong_type", "'input' must be a string"),
     ({"prompt": [S, U], "completion": "x", "system": "y"}, "prompt_completion", {}, "wrong_turn_order",
      "both a system column and a system message"),
+    ({"messages": [S, U, A], "system": "y"}, "messages", {}, "wrong_turn_order",
+     "both a system column and a system message"),
+    ({"messages": [U, A], "system": ["y"]}, "messages", {}, "wrong_type", "'system' must be a string"),
+    ({"prompt": [U, A], "completion": []}, "prompt_completion", {}, "missing_field", "'completion' holds no message"),
 ])
 def test_bad_sft_rows_name_reason_and_field(row, row_format, columns, reason, message):
     with pytest.raises(BadRow, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
@@ -85,6 +98,8 @@ def test_bad_sft_rows_name_reason_and_field(row, row_format, columns, reason, me
     ({"prompt": "hi", "chosen": [{"role": "bot", "content": "x"}], "rejected": "b"}, "unknown_role", "'bot'"),
     ({"prompt": "hi", "chosen": ["x"], "rejected": "b"}, "wrong_type", "must hold a message"),
     ({"prompt": "hi", "chosen": [U, A], "rejected": [U]}, "missing_field", "the prompt but no reply"),
+    ({"prompt": [S, U], "chosen": "a", "rejected": "b", "system": "y"}, "wrong_turn_order",
+     "both a system column and a system message"),
 ])
 def test_bad_preference_rows(row, reason, message):
     with pytest.raises(BadRow, match=message) as info:

@@ -95,6 +95,18 @@ def test_preference_rows_in_every_file_type(tmp_path, make_recipe, tokenizer, su
     assert sorted(prepared.train.to_list(), key=lambda r: r["prompt"][0]["content"]) == rows
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_a_text_that_looks_like_messages_is_text_outside_csv(tmp_path, make_recipe, tokenizer, suffix):
+    """Only a CSV cell holds a list of messages as JSON text; elsewhere such a string is what someone wrote (a reply
+    quoting an API payload, say) and is trained as it stands."""
+    payload = json.dumps([{"role": "assistant", "content": "x"}])
+    path = write_rows(tmp_path / f"rows{suffix}", [{"prompt": "Show the payload.", "completion": payload}])
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer)
+    content = "x" if suffix == ".csv" else payload
+    assert prepared.train["input_ids"] == [reference_ids([{"role": "user", "content": "Show the payload."},
+                                                          {"role": "assistant", "content": content}])]
+
+
 @pytest.mark.parametrize(("split", "expected"), [
     ("train", list(range(10))), ("train[:3]", [0, 1, 2]), ("train[7:]", [7, 8, 9]), ("train[:20%]", [0, 1]),
     ("train[50%:70%]", [5, 6]), ("train[-2:]", [8, 9]),

@@ -4,6 +4,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -12,7 +14,7 @@ from transformers import MixtralForCausalLM
 
 from finetune.errors import FinetuneError
 from finetune.moe.dequantize import dequantized_state_dict
-from finetune.moe.loader import load_mixtral
+from finetune.moe.loader import check_weight_files, load_mixtral
 from finetune.moe.quantized_experts import QuantizedExperts
 from finetune.moe.report import measure_parts
 
@@ -270,3 +272,62 @@ def test_a_folder_without_a_mixtral_config_is_refused(tiny_path, checkpoint, tmp
     with pytest.raises(FinetuneError, match="config.json: model_type is 'llama', not 'mixtral'" if model_type == "llama"
                        else "model_type is 'qwen2_moe'" if model_type else "no config.json"):
         load_mixtral(path)
+
+
+def _damage_file(kind: str, tiny_path, folder):
+    """A copy of the checkpoint with one weight file damaged as an interrupted or corrupted download leaves it."""
+    shutil.copytree(tiny_path, folder)
+    shard = folder / sorted(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())[1]
+    data = shard.read_bytes()
+    if kind == "truncated":
+        shard.write_bytes(data[:-1000])
+    elif kind == "header garbage":
+        shard.write_bytes(data[:8] + b"\x00" * 64 + data[72:])
+    elif kind == "header longer than the file":
+        shard.write_bytes(data[:100])
+    elif kind == "empty":
+        shard.write_bytes(b"")
+    elif kind == "bytes after the last tensor":
+        shard.write_bytes(data + b"\x00" * 16)
+    else:
+        shard.unlink()
+    return folder, shard
+
+
+@pytest.mark.parametrize("kind", ["truncated", "header garbage", "header longer than the file", "empty",
+                                  "bytes after the last tensor", "missing"])
+def test_a_damaged_weight_file_is_found_from_its_header_naming_it(tiny_path, tmp_path, kind):
+    """What load_mixtral would refuse after minutes of loading, check_weight_files refuses from the headers alone."""
+    check_weight_files(tiny_path)  # an intact checkpoint passes
+    path, shard = _damage_file(kind, tiny_path, tmp_path / "damaged")
+    with pytest.raises(FinetuneError) as error:
+        check_weight_files(path)
+    message = str(error.value)
+    assert message.startswith(f"{shard}: cannot be read (") and message.endswith("; download the checkpoint again")
+    assert "\n" not in message, message
+    if kind == "truncated":
+        assert "truncated: tensor model." in message, message
+    with pytest.raises(FinetuneError, match=rf"^{shard}: cannot be read \("):  # the loader agrees, in its own words
+        load_mixtral(path, quant=None, compute_dtype=torch.float32)
+
+
+def test_the_weight_check_reads_headers_not_tensor_data(tmp_path):
+    """A 16 GiB weight file (sparse: it takes no disk) is checked in a moment, reading only its header."""
+    n = 8 * 2**30
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "BF16", "shape": [n], "data_offsets": [0, 2 * n]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    (tmp_path / "config.json").write_text("{}")
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 2 * n)
+    io = Path("/proc/self/io")
+    read_before = int(io.read_text().split()[1]) if io.exists() else 0  # rchar: bytes this process read
+    started = time.perf_counter()
+    check_weight_files(tmp_path)
+    assert time.perf_counter() - started < 5  # reading 16 GiB takes minutes here
+    if io.exists():
+        assert int(io.read_text().split()[1]) - read_before < 2**20
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(8 + len(header) + 2 * n - 1)
+    with pytest.raises(FinetuneError, match="truncated: tensor model.embed_tokens.weight ends at byte 17179869184"):
+        check_weight_files(tmp_path)
