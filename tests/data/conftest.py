@@ -1,20 +1,60 @@
-"""Shared fixtures for the data tests: the Mixtral tokenizer, a private cache folder, files and recipes built in
-place, and small rows that say which source and number they are."""
+"""Shared fixtures for the data tests: the Mixtral tokenizer and mistral-common's reference encodings, a private
+cache folder, files and recipes built in place, and small rows that say which source and number they are."""
 
 import json
 import os
 from pathlib import Path
 
 import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data.cache import CACHE_ENV
 from finetune.recipe.schema import Recipe
-from finetune.tokenizer import build_mixtral_tokenizer
+from finetune.tokenizer import build_mixtral_tokenizer, mixtral_tokenizer_file
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_mixtral_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def mistral():
+    """mistral-common's v1 reference: finetuning validation for conversations ending with the assistant."""
+    training = MistralTokenizer.from_file(mixtral_tokenizer_file(), mode=ValidationMode.finetuning)
+    serving = MistralTokenizer.v1()
+    role_class = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+    def encode(messages: list[dict]) -> list[int]:
+        request = ChatCompletionRequest(messages=[role_class[m["role"]](content=m["content"]) for m in messages])
+        return (training if messages[-1]["role"] == "assistant" else serving).encode_chat_completion(request).tokens
+
+    return encode
+
+
+@pytest.fixture(scope="session")
+def mistral_text():
+    """mistral-common's v1 plain-text tokenizer."""
+    return MistralTokenizer.v1().instruct_tokenizer.tokenizer
+
+
+@pytest.fixture(scope="session")
+def mask_runs():
+    """`mask_runs(example)`: the runs of tokens its completion_mask trains, each as its list of ids."""
+    def runs_of(example: dict) -> list[list[int]]:
+        runs, previous = [], 0
+        for token, bit in zip(example["input_ids"], example["completion_mask"]):
+            if bit and not previous:
+                runs.append([])
+            if bit:
+                runs[-1].append(token)
+            previous = bit
+        return runs
+
+    return runs_of
 
 
 @pytest.fixture(autouse=True)

@@ -5,13 +5,9 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data.chat import ConversationError, tokenize_conversation, tokenize_conversations, tokenize_prompt
-from finetune.tokenizer import build_mixtral_tokenizer, mixtral_tokenizer_file
+from finetune.tokenizer import build_mixtral_tokenizer
 
 FRAGMENTS = [
     "Hello",
@@ -40,26 +36,6 @@ def tokenizer():
     return build_mixtral_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def mistral():
-    """mistral-common's v1 reference: finetuning validation for conversations ending with the assistant."""
-    training = MistralTokenizer.from_file(mixtral_tokenizer_file(), mode=ValidationMode.finetuning)
-    serving = MistralTokenizer.v1()
-    role_class = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-    def encode(messages: list[dict]) -> list[int]:
-        request = ChatCompletionRequest(messages=[role_class[m["role"]](content=m["content"]) for m in messages])
-        return (training if messages[-1]["role"] == "assistant" else serving).encode_chat_completion(request).tokens
-
-    return encode
-
-
-@pytest.fixture(scope="module")
-def mistral_text():
-    """mistral-common's v1 plain-text tokenizer."""
-    return MistralTokenizer.v1().instruct_tokenizer.tokenizer
-
-
 def random_content(rng: random.Random, control_strings: bool) -> str:
     fragments = FRAGMENTS + (CONTROL_STRINGS if control_strings else [])
     content = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 4)))
@@ -79,17 +55,6 @@ def random_conversation(rng: random.Random, control_strings: bool = True) -> lis
 def conversations(count: int, seed: int, control_strings: bool = True) -> list[list[dict]]:
     rng = random.Random(seed)
     return [random_conversation(rng, control_strings) for _ in range(count)]
-
-
-def mask_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    runs, previous = [], 0
-    for token, bit in zip(ids, mask):
-        if bit and not previous:
-            runs.append([])
-        if bit:
-            runs[-1].append(token)
-        previous = bit
-    return runs
 
 
 def test_conversations_match_mistral_common(tokenizer, mistral):
@@ -121,17 +86,17 @@ def test_prompts_match_mistral_common_and_prefix_the_conversation(tokenizer, mis
         assert mistral(messages)[: len(prompt)] == prompt
 
 
-def test_completion_mask_is_exactly_each_assistant_turn_and_its_eos(tokenizer, mistral_text):
+def test_completion_mask_is_exactly_each_assistant_turn_and_its_eos(tokenizer, mistral_text, mask_runs):
     for messages in conversations(100, seed=2):
         example = tokenize_conversation(messages, tokenizer)
-        runs = mask_runs(example["input_ids"], example["completion_mask"])
+        runs = mask_runs(example)
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         assert runs == [mistral_text.encode(a, bos=False, eos=True) for a in answers]
         assert [tokenizer.decode(run) for run in runs] == [a + "</s>" for a in answers]
         assert example["completion_mask"][0] == 0
 
 
-def test_prompt_lengths_leave_the_prompt_assistant_turns_untrained(tokenizer, mistral, mistral_text):
+def test_prompt_lengths_leave_the_prompt_assistant_turns_untrained(tokenizer, mistral, mistral_text, mask_runs):
     batch = conversations(100, seed=7)
     rng = random.Random(7)
     lengths = [rng.randrange(len(messages)) for messages in batch]  # the prompt may hold the system message alone
@@ -139,7 +104,7 @@ def test_prompt_lengths_leave_the_prompt_assistant_turns_untrained(tokenizer, mi
     for messages, length, example in zip(batch, lengths, examples):
         assert example["input_ids"] == mistral(messages)  # only the mask depends on where the prompt ends
         answers = [m["content"] for m in messages[length:] if m["role"] == "assistant"]
-        assert mask_runs(example["input_ids"], example["completion_mask"]) == \
+        assert mask_runs(example) == \
             [mistral_text.encode(a, bos=False, eos=True) for a in answers]
     full = tokenize_conversations(batch[:5], tokenizer, train_on_prompt=True, prompt_lengths=lengths[:5])
     assert full == tokenize_conversations(batch[:5], tokenizer, train_on_prompt=True)

@@ -2,14 +2,9 @@
 ids whatever the format, and a prompt/completion row trains its completion only."""
 
 import pytest
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data.prepare import prepare_dpo, prepare_sft
 from finetune.data.sources import DataError
-from finetune.tokenizer import mixtral_tokenizer_file
 
 SYSTEM = "Answer in French, in one sentence."
 
@@ -26,42 +21,24 @@ def system(text):
     return {"role": "system", "content": text}
 
 
-@pytest.fixture(scope="module")
-def mistral():
-    """mistral-common's v1 encoding of a training conversation, and of plain text."""
-    reference = MistralTokenizer.from_file(mixtral_tokenizer_file(), mode=ValidationMode.finetuning)
-    role_class = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-    def encode(messages: list[dict]) -> list[int]:
-        request = ChatCompletionRequest(messages=[role_class[m["role"]](content=m["content"]) for m in messages])
-        return reference.encode_chat_completion(request).tokens
-
-    encode.text = lambda text: reference.instruct_tokenizer.tokenizer.encode(text, bos=False, eos=True)
-    return encode
-
-
-def trained_runs(example: dict) -> list[list[int]]:
-    runs, previous = [], 0
-    for token, bit in zip(example["input_ids"], example["completion_mask"]):
-        if bit and not previous:
-            runs.append([])
-        if bit:
-            runs[-1].append(token)
-        previous = bit
-    return runs
+@pytest.fixture
+def reply(mistral_text):
+    """The ids a reply trains: its text and the closing "</s>"."""
+    return lambda text: mistral_text.encode(text, bos=False, eos=True)
 
 
 def examples(prepared) -> list[dict]:
     return prepared.train.to_list() + (prepared.eval.to_list() if prepared.eval is not None else [])
 
 
-def test_a_system_column_of_a_chat_row_reaches_the_token_ids(write_jsonl, make_recipe, tokenizer, mistral):
+def test_a_system_column_of_a_chat_row_reaches_the_token_ids(write_jsonl, make_recipe, tokenizer, mistral, mask_runs,
+                                                              reply):
     chat = [user("What is the capital of France?"), assistant("Paris.")]
     path = write_jsonl("chat.jsonl", [{"messages": chat, "system": SYSTEM}])
     (example,) = examples(prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer))
     assert example["input_ids"] == mistral([system(SYSTEM), *chat])
     assert SYSTEM in tokenizer.decode(example["input_ids"])
-    assert trained_runs(example) == [mistral.text("Paris.")]
+    assert mask_runs(example) == [reply("Paris.")]
 
     # renamed with `columns`, as a hub dataset's "system_prompt" column would be
     renamed = write_jsonl("renamed.jsonl", [{"messages": chat, "system_prompt": SYSTEM}])
@@ -97,15 +74,16 @@ MULTI_TURN = [user("Name a prime."), assistant("Seven."), user("And an even one?
 
 
 @pytest.mark.parametrize("completion", ["Two.", [assistant("Two.")]])
-def test_a_multi_turn_prompt_trains_only_its_completion(write_jsonl, make_recipe, tokenizer, mistral, completion):
+def test_a_multi_turn_prompt_trains_only_its_completion(write_jsonl, make_recipe, tokenizer, mistral, completion,
+                                                        mask_runs, reply):
     conversation = [*MULTI_TURN, assistant("Two.")]
     path = write_jsonl("pc.jsonl", [{"prompt": MULTI_TURN, "completion": completion}])
     prepared = prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer)
     (example,) = examples(prepared)
     assert example["input_ids"] == mistral(conversation)  # the ids are the whole conversation's
-    assert trained_runs(example) == [mistral.text("Two.")]
-    assert tokenizer.decode(trained_runs(example)[0]) == "Two.</s>"
-    trained = len(mistral.text("Two."))
+    assert mask_runs(example) == [reply("Two.")]
+    assert tokenizer.decode(mask_runs(example)[0]) == "Two.</s>"
+    trained = len(reply("Two."))
     assert prepared.stats["train"]["trained_tokens"] == trained
     assert f"({trained:,} trained)" in prepared.summary()
 
@@ -113,16 +91,17 @@ def test_a_multi_turn_prompt_trains_only_its_completion(write_jsonl, make_recipe
     chat = write_jsonl("chat.jsonl", [{"messages": conversation}])
     (as_chat,) = examples(prepare_sft(make_recipe(sft={"sources": [{"path": chat}]}), tokenizer))
     assert as_chat["input_ids"] == example["input_ids"]
-    assert trained_runs(as_chat) == [mistral.text("Seven."), mistral.text("Two.")]
+    assert mask_runs(as_chat) == [reply("Seven."), reply("Two.")]
 
 
-def test_a_completion_of_several_turns_trains_its_assistant_turns(write_jsonl, make_recipe, tokenizer, mistral):
+def test_a_completion_of_several_turns_trains_its_assistant_turns(write_jsonl, make_recipe, tokenizer, mistral,
+                                                                  mask_runs, reply):
     row = {"prompt": [system(SYSTEM), *MULTI_TURN],
            "completion": [assistant("Two."), user("And an odd one?"), assistant("Nine.")]}
     path = write_jsonl("pc.jsonl", [row])
     (example,) = examples(prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer))
     assert example["input_ids"] == mistral(row["prompt"] + row["completion"])
-    assert trained_runs(example) == [mistral.text("Two."), mistral.text("Nine.")]
+    assert mask_runs(example) == [reply("Two."), reply("Nine.")]
 
 
 def test_train_on_prompt_still_trains_a_multi_turn_prompt(write_jsonl, make_recipe, tokenizer):
