@@ -58,12 +58,13 @@ def _download(repo_id: str) -> Path:
         # snapshot_download asks the hub for the commit with no time limit, so it waits forever on a network that
         # stalls the connection: this same small question first, with the hub's own metadata timeout
         # (HF_HUB_ETAG_TIMEOUT, 10 s without a byte; the file downloads keep theirs), decides online or cache only
-        HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        unreachable = None
+        # and names the commit, which both downloads then fetch without asking again (and from the same commit)
+        revision, unreachable = HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha, None
     except (OSError, httpx2.TransportError) as e:  # offline, no network, unknown or gated repo, hub down
-        unreachable = e
+        revision, unreachable = None, e
     try:
-        metadata = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=unreachable is not None))
+        metadata = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json"],
+                                          local_files_only=unreachable is not None))
         return Path(snapshot_download(repo_id, revision=metadata.name, allow_patterns=weight_files(metadata),
                                       local_files_only=unreachable is not None))
     except (OSError, httpx2.TransportError) as e:  # not in the cache, or a download that failed

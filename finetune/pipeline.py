@@ -264,8 +264,13 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     and the export hands tokenizer.model on to the tools that read it (llama.cpp's converter, TGI)."""
     tokenizer.save_pretrained(folder)
     source = getattr(tokenizer, "vocab_file", None)
-    if source and Path(source).name == "tokenizer.model" and Path(source).is_file():
-        shutil.copyfile(source, folder / "tokenizer.model")
+    target = folder / "tokenizer.model"
+    if source and Path(source).name == target.name and Path(source).is_file() and not _same_file(source, target):
+        shutil.copyfile(source, target)  # not when the run's own tokenizer folder is model.tokenizer
+
+
+def _same_file(a, b: Path) -> bool:
+    return b.exists() and os.path.samefile(a, b)
 
 
 def run_stage(recipe: Recipe, stage, base_path: Path, tokenizer, stage_dir: Path, previous_adapter: Path | None,

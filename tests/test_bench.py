@@ -1,4 +1,6 @@
 """`finetune bench` on CPU with the tiny model: the same table as on a GPU, the reference check gating it."""
+import re
+
 import pytest
 import torch
 
@@ -10,8 +12,9 @@ def test_tiny_bench_prints_fast_and_naive_rows_and_the_ratio(capsys):
     assert bench.main(["--tiny", "--cpu", "--quick", "--steps", "1", "--warmup", "0", "--check-seq", "64"]) == 0
     out = capsys.readouterr().out
     assert "-> PASS" in out
-    # every LoRA gradient is compared, attention's too: 2 layers x (4 attention + 3 expert projections) x (A, B)
-    assert "LoRA grads (28 tensors)" in out
+    # every LoRA gradient is compared, the experts' and attention's each on their own: 2 layers x (3 expert and 4
+    # attention projections) x (A, B)
+    assert re.search(r"LoRA grads rel experts \S+ \(12 tensors\), attention \S+ \(16 tensors\)", out), out
     table = out[out.index("| path |"):]
     header = table.splitlines()[0].split("|")
     losses = {}
@@ -30,8 +33,8 @@ def test_tiny_bench_prints_fast_and_naive_rows_and_the_ratio(capsys):
 
 def test_no_speed_without_a_passing_check(monkeypatch, capsys):
     def failing(peft_model, seq, loss_fn, tol):
-        model = bench.ModelComparison(loss=1.0, grads=1.0, worst=("x", 1.0), floor_loss=0.0, floor_grads=0.0,
-                                      tensors=1)
+        model = bench.ModelComparison(loss=1.0, grads={"experts": 1.0}, worst=("x", 1.0), floor_loss=0.0,
+                                      floor_grads={"experts": 0.0}, tensors={"experts": 1})
         return bench.CheckResult(layer={"output": 1.0}, model=model, passed=False)
 
     monkeypatch.setattr(bench, "check_fast_path", failing)

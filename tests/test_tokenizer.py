@@ -161,5 +161,8 @@ def test_a_run_keeps_the_sentencepiece_file_its_tokenizer_came_with(tokenizer, t
     (given / "tokenizer.model").write_bytes(mixtral_tokenizer_file().read_bytes())
     save_tokenizer(AutoTokenizer.from_pretrained(given), tmp_path / "run-tokenizer")
     assert (tmp_path / "run-tokenizer" / "tokenizer.model").read_bytes() == mixtral_tokenizer_file().read_bytes()
+    # a run whose model.tokenizer is its own tokenizer folder saves it onto itself
+    save_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "run-tokenizer"), tmp_path / "run-tokenizer")
+    assert (tmp_path / "run-tokenizer" / "tokenizer.model").read_bytes() == mixtral_tokenizer_file().read_bytes()
     save_tokenizer(tokenizer, tmp_path / "rebuilt")  # built from mistral-common's file: no tokenizer.model of its own
     assert not (tmp_path / "rebuilt" / "tokenizer.model").exists()

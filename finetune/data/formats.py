@@ -30,6 +30,8 @@ REASONS = {
     "no_trainable_tokens": "no token left to train on",
     "too_long": "longer than max_seq_len",
 }
+# The fields that may hold a list of messages (the others are text).
+MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
 TOO_NESTED = "nested too deeply to read (JSON more than about 1000 levels deep)"
 
 
@@ -156,7 +158,9 @@ def _with_system(row: Mapping, columns: Mapping[str, str], messages: list[dict])
     if not isinstance(system, str):
         raise BadRow("wrong_type", f"'{_column('system', columns)}' must be a string, got {type(system).__name__}")
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-        raise BadRow("wrong_turn_order", "the row has both a system column and a system message")
+        if messages[0].get("content") == system:  # datasets that keep the system prompt in both places
+            return messages
+        raise BadRow("wrong_turn_order", "the row has both a system column and a system message, and they differ")
     return [{"role": "system", "content": system}, *messages]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.data.formats import TOO_NESTED, BadRow, json_messages
+from finetune.data.formats import MESSAGE_FIELDS, TOO_NESTED, BadRow, json_messages
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import SPLIT, DataSource
 
@@ -104,7 +104,7 @@ def read_source(opened: OpenedSource) -> SourceRows:
         return _from_json_rows(source, _jsonl_rows(data), unit="line")
     if path.suffix == ".json":
         return _from_json_rows(source, _json_array_rows(data, path), unit="row")
-    return _from_json_rows(source, _csv_rows(data), unit="line")
+    return _from_json_rows(source, _csv_rows(data, _message_columns(source)), unit="line")
 
 
 def _parquet_rows(data: bytes, path: Path, key: str) -> Dataset:
@@ -190,7 +190,12 @@ def _json_item_row(number: int, item) -> tuple[int, str, str]:
     return number, text, ""
 
 
-def _csv_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
+def _message_columns(source: DataSource) -> set[str]:
+    """The columns whose cells may hold a list of messages (after the source's renames)."""
+    return {source.columns.get(field, field) for field in MESSAGE_FIELDS}
+
+
+def _csv_rows(data: bytes, message_columns: set[str]) -> Iterator[tuple[int, str, str]]:
     reader = csv.DictReader(io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""))
     line = 1  # the header
     for record in reader:
@@ -200,7 +205,7 @@ def _csv_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
             yield number, "", f"wrong_type: {columns + len(record[None])} cells for {columns} columns"
             continue
         try:
-            text = json.dumps({k: _csv_cell(v) for k, v in record.items()}, ensure_ascii=False)
+            text = json.dumps({k: _csv_cell(k, v, message_columns) for k, v in record.items()}, ensure_ascii=False)
         except BadRow as e:
             yield number, "", f"{e.reason}: {e}"
             continue
@@ -210,13 +215,19 @@ def _csv_rows(data: bytes) -> Iterator[tuple[int, str, str]]:
             yield number, text, ""
 
 
-def _csv_cell(text: str):
+def _csv_cell(column: str, text: str, message_columns: set[str]):
     """A CSV cell as the value a JSON row would hold: an empty cell is a missing value (a CSV cannot tell them
-    apart), and a list of role/content messages written as JSON text is that list (a cell holds only text). Only
-    CSV cells are decoded: a JSON or Parquet string that looks like messages is text someone wrote."""
+    apart), and in a column that may hold messages, a list of role/content messages written as JSON text is that
+    list (a cell holds only text). Other cells, and strings in the other file types, stay the text someone wrote
+    (an output quoting an API payload, say)."""
     if text == "":
         return None
-    messages = json_messages(text)
+    if column not in message_columns:
+        return text
+    try:
+        messages = json_messages(text)
+    except BadRow as e:
+        raise BadRow(e.reason, f"'{column}': {e}") from None
     return text if messages is None else messages
 
 

@@ -7,6 +7,7 @@ holds the model in bf16: the peak is about the quantized model plus one layer's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -91,8 +92,9 @@ def check_weight_files(path: Path) -> None:
 
 
 def _header_problem(file: Path) -> str | None:
-    """What safetensors refuses when it opens the file, found from the header alone: a header that is not one, or
-    tensor byte ranges that do not cover the data exactly (safe_open maps the whole file to check the same)."""
+    """What safetensors refuses when it opens the file, found from the header alone: a header that is not one, a
+    tensor whose dtype, shape and byte range disagree, or byte ranges that do not tile the data exactly (safe_open
+    maps the whole file to check the same)."""
     with open(file, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         length = int.from_bytes(f.read(8), "little")
@@ -102,17 +104,45 @@ def _header_problem(file: Path) -> str | None:
             return f"a damaged header (its length reads {length} bytes)"
         try:
             header = json.loads(f.read(length))
-            ranges = {key: entry["data_offsets"] for key, entry in header.items() if key != "__metadata__"}
-            last = max(ranges, key=lambda key: ranges[key][1], default=None)
-            in_order = all(0 <= begin <= end for begin, end in ranges.values())
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not safetensors' fields
+            tensors = sorted((_checked_entry(entry), key) for key, entry in header.items() if key != "__metadata__")
+        except _BadEntry as e:
+            return f"a damaged header: {e}"
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # not safetensors' fields
             return f"a damaged header ({type(e).__name__})"
-    data, end = size - 8 - length, ranges[last][1] if last is not None else 0
-    if end > data:
-        return f"truncated: tensor {last} ends at byte {end} of the data, but the file holds {data}"
-    if end < data or not in_order:
-        return f"its {data} bytes of tensor data do not match the byte ranges its header gives"
+    data, at = size - 8 - length, 0
+    for (begin, end), key in tensors:
+        if end > data:
+            return f"truncated: tensor {key} ends at byte {end} of the data, but the file holds {data}"
+        if begin != at:  # safetensors packs the tensors one after another, from byte 0
+            return f"tensor {key} starts at byte {begin} of the data, where byte {at} was expected"
+        at = end
+    if at != data:
+        return f"its {data} bytes of tensor data do not match the byte ranges its header gives (they end at {at})"
     return None
+
+
+class _BadEntry(ValueError):
+    """A tensor entry of a safetensors header that safetensors would refuse."""
+
+
+# bits per element of each safetensors dtype
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
+              "F64": 64, "I64": 64, "U64": 64}
+
+
+def _checked_entry(entry: dict) -> tuple[int, int]:
+    """A tensor's (begin, end) byte range, checked against its dtype and shape."""
+    begin, end = entry["data_offsets"]
+    shape = entry["shape"]
+    if not all(type(n) is int and n >= 0 for n in (begin, end, *shape)):  # bool is an int too: not here
+        raise _BadEntry(f"offsets {entry['data_offsets']} or shape {shape} are not counts")
+    if entry["dtype"] not in DTYPE_BITS:
+        raise _BadEntry(f"unknown dtype {entry['dtype']!r}")
+    bits = DTYPE_BITS[entry["dtype"]] * math.prod(shape)
+    if begin > end or bits != 8 * (end - begin):
+        raise _BadEntry(f"a {entry['dtype']} tensor of shape {shape} in bytes {begin} to {end}")
+    return begin, end
 
 
 def _unreadable(file: Path, cause) -> FinetuneError:

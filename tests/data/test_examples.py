@@ -48,7 +48,7 @@ def test_a_system_column_of_a_chat_row_reaches_the_token_ids(write_jsonl, make_r
         assert examples(prepare_sft(recipe, tokenizer))[0]["input_ids"] == example["input_ids"]
 
 
-def test_a_chat_row_with_both_a_system_column_and_message_is_a_bad_row(write_jsonl, make_recipe, tokenizer):
+def test_a_chat_row_with_both_a_system_column_and_message_is_a_bad_row(write_jsonl, make_recipe, tokenizer, mistral):
     good = {"messages": [user("hi"), assistant("hello")]}
     both = {"messages": [system("be brief"), user("hi"), assistant("hello")], "system": SYSTEM}
     path = write_jsonl("chat.jsonl", [good, both])
@@ -57,6 +57,11 @@ def test_a_chat_row_with_both_a_system_column_and_message_is_a_bad_row(write_jso
         prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer)
     lenient = prepare_sft(make_recipe(sft={"sources": [{"path": path}]}, on_bad_row="drop"), tokenizer)
     assert lenient.stats["dropped"] == {"wrong_turn_order": 1} and len(examples(lenient)) == 1
+    # the same text in both places (datasets that keep the system prompt beside the conversation) is one message
+    same = {"messages": [system(SYSTEM), user("hi"), assistant("hello")], "system": SYSTEM}
+    (example,) = examples(prepare_sft(make_recipe(sft={"sources": [{"path": write_jsonl("same.jsonl", [same])}]}),
+                                      tokenizer))
+    assert example["input_ids"] == mistral(same["messages"])
 
 
 def test_a_system_column_of_a_preference_row_reaches_the_prompt(write_jsonl, make_recipe, tokenizer):

@@ -22,7 +22,7 @@ def assistant(text):
 @pytest.mark.parametrize(("row", "row_format", "columns", "expected", "prompt"), [
     ({"messages": [S, U, A, U, A]}, "messages", {}, [S, U, A, U, A], 0),
     ({"conversation": [U, A]}, "messages", {"messages": "conversation"}, [U, A], 0),
-    ({"messages": json.dumps([U, A])}, "messages", {}, [U, A], 0),  # a CSV cell holds the list as JSON text
+    ({"messages": json.dumps([U, A])}, "messages", {}, [U, A], 0),  # a list stored as JSON text (a string column)
     ({"messages": [U, A], "system": "be brief"}, "messages", {}, [S, U, A], 0),
     ({"messages": [U, A], "sys": "be brief"}, "messages", {"system": "sys"}, [S, U, A], 0),
     ({"messages": [S, U, A], "system": ""}, "messages", {}, [S, U, A], 0),

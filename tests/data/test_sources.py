@@ -107,6 +107,21 @@ def test_a_text_that_looks_like_messages_is_text_outside_csv(tmp_path, make_reci
                                                           {"role": "assistant", "content": content}])]
 
 
+def test_only_the_message_columns_of_a_csv_are_decoded(tmp_path, make_recipe, tokenizer):
+    """An output, a system prompt or a column nobody reads stays text in a CSV, even when it looks like messages;
+    a message column that cannot be decoded is a bad row naming the column."""
+    payload = json.dumps([{"role": "assistant", "content": "x"}])
+    path = write_rows(tmp_path / "rows.csv", [{"instruction": "Show the payload.", "output": payload,
+                                               "system": payload, "notes": "[" * 5000}])
+    prepared = prepare_sft(make_recipe(sft={"sources": [{"path": path}]}), tokenizer)
+    assert prepared.train["input_ids"] == [reference_ids([{"role": "system", "content": payload},
+                                                          {"role": "user", "content": "Show the payload."},
+                                                          {"role": "assistant", "content": payload}])]
+    deep = write_rows(tmp_path / "deep.csv", [{"prompt": "[" * 5000, "completion": "fine"}])
+    with pytest.raises(DataError, match=r"deep.csv:2: too_nested: 'prompt': a list of messages written as JSON"):
+        prepare_sft(make_recipe(sft={"sources": [{"path": deep}]}), tokenizer)
+
+
 @pytest.mark.parametrize(("split", "expected"), [
     ("train", list(range(10))), ("train[:3]", [0, 1, 2]), ("train[7:]", [7, 8, 9]), ("train[:20%]", [0, 1]),
     ("train[50%:70%]", [5, 6]), ("train[-2:]", [8, 9]),

@@ -274,10 +274,20 @@ def test_a_folder_without_a_mixtral_config_is_refused(tiny_path, checkpoint, tmp
         load_mixtral(path)
 
 
+HEADER_EDITS = {  # what a corrupted header can say that the file's size alone does not show
+    "overlapping tensors": lambda h, a, b: h[b].update(data_offsets=h[a]["data_offsets"]),
+    "a shape against its bytes": lambda h, a, b: h[a].update(shape=[1]),
+    "an unknown dtype": lambda h, a, b: h[a].update(dtype="F99"),
+    "an offset that is not a count": lambda h, a, b: h[a].update(data_offsets=[float(n) for n in h[a]["data_offsets"]]),
+    "a header nested too deeply": lambda h, a, b: b"[" * 100_000,
+}
+
+
 def _damage_file(kind: str, tiny_path, folder):
     """A copy of the checkpoint with one weight file damaged as an interrupted or corrupted download leaves it."""
     shutil.copytree(tiny_path, folder)
-    shard = folder / sorted(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())[1]
+    files = sorted(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    shard = folder / (max(files, key=files.count) if kind in HEADER_EDITS else files[1])  # edits need two tensors
     data = shard.read_bytes()
     if kind == "truncated":
         shard.write_bytes(data[:-1000])
@@ -289,13 +299,20 @@ def _damage_file(kind: str, tiny_path, folder):
         shard.write_bytes(b"")
     elif kind == "bytes after the last tensor":
         shard.write_bytes(data + b"\x00" * 16)
+    elif kind in HEADER_EDITS:  # the same tensor data behind an edited header (offsets count from the data's start)
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + length])
+        first, second = [key for key in header if key != "__metadata__"][:2]
+        edited = HEADER_EDITS[kind](header, first, second)
+        text = edited if isinstance(edited, bytes) else json.dumps(header).encode()
+        shard.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
     else:
         shard.unlink()
     return folder, shard
 
 
 @pytest.mark.parametrize("kind", ["truncated", "header garbage", "header longer than the file", "empty",
-                                  "bytes after the last tensor", "missing"])
+                                  "bytes after the last tensor", "missing", *HEADER_EDITS])
 def test_a_damaged_weight_file_is_found_from_its_header_naming_it(tiny_path, tmp_path, kind):
     """What load_mixtral would refuse after minutes of loading, check_weight_files refuses from the headers alone."""
     check_weight_files(tiny_path)  # an intact checkpoint passes
