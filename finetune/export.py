@@ -376,7 +376,7 @@ def export_merged(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", base: s
         _add_legacy_config_keys(staging / "config.json")
         _generation_config(run.base_model).save_pretrained(staging)
         tokenizer = _serving_tokenizer(run.tokenizer)
-        save_tokenizer(run, tokenizer, staging)
+        _save_serving_tokenizer(run, tokenizer, staging)
         (staging / "README.md").write_text(model_card(run, f"merged into the {base} base weights, {dtype}"))
         reference, effect = reference_logits(run, base, dtype, tokenizer)
         tolerance = default_tolerance(dtype, effect) if tolerance is None else tolerance
@@ -404,7 +404,7 @@ def export_adapter(run: RunFiles, out_dir: Path, dtype: str = "bfloat16", tolera
         config["base_model_name_or_path"] = run.recipe["model"]["name_or_path"]
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tokenizer = _serving_tokenizer(run.tokenizer)
-        save_tokenizer(run, tokenizer, staging)
+        _save_serving_tokenizer(run, tokenizer, staging)
         (staging / "README.md").write_text(model_card(run, f"LoRA adapter only, weights in {dtype}"))
         reference, effect = reference_logits(run, "original", "float32", tokenizer)
         exported = _logits(_stock_with_adapter(run.base_model, staging, torch.float32), _prompts(tokenizer))
@@ -572,7 +572,7 @@ def _serving_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder, padding_side="left")
 
 
-def save_tokenizer(run: RunFiles, tokenizer, folder: Path) -> None:
+def _save_serving_tokenizer(run: RunFiles, tokenizer, folder: Path) -> None:
     """The tokenizer as Mixtral's own folder holds it, for transformers 4.x and tools that read the SentencePiece
     file (llama.cpp's converter, TGI): the chat template inside tokenizer_config.json (4.x before 4.51 does not
     read chat_template.jinja), a class name 4.x knows, and tokenizer.model."""

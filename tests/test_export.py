@@ -392,7 +392,7 @@ def quickstart_conversations() -> list[list[dict]]:
 def test_the_exported_tokenizer_is_laid_out_as_mixtrals_and_encodes_as_the_runs(run, float32_export):
     """What transformers 4.x and tools that read tokenizer.model need (Mixtral's own folder holds the same), and the
     same ids from transformers 5 as the run's tokenizer. transformers 4.57 on this folder was checked by hand (see the
-    export's save_tokenizer): LlamaTokenizerFast would load in 4.x but changes ids in 5, so the class is
+    export's _save_serving_tokenizer): LlamaTokenizerFast would load in 4.x but changes ids in 5, so the class is
     PreTrainedTokenizerFast."""
     import sentencepiece
     from transformers import AutoTokenizer
