@@ -275,7 +275,9 @@ def test_a_folder_without_a_mixtral_config_is_refused(tiny_path, checkpoint, tmp
 
 
 HEADER_EDITS = {  # what a corrupted header can say that the file's size alone does not show
-    "overlapping tensors": lambda h, a, b: h[b].update(data_offsets=h[a]["data_offsets"]),
+    # the first tensor moved onto the next one's bytes: the data's end is still where the header says
+    "overlapping tensors": lambda h, a, b: h[a].update(
+        data_offsets=[h[a]["data_offsets"][1], 2 * h[a]["data_offsets"][1] - h[a]["data_offsets"][0]]),
     "a shape against its bytes": lambda h, a, b: h[a].update(shape=[1]),
     "an unknown dtype": lambda h, a, b: h[a].update(dtype="F99"),
     "an offset that is not a count": lambda h, a, b: h[a].update(data_offsets=[float(n) for n in h[a]["data_offsets"]]),
@@ -302,7 +304,7 @@ def _damage_file(kind: str, tiny_path, folder):
     elif kind in HEADER_EDITS:  # the same tensor data behind an edited header (offsets count from the data's start)
         length = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + length])
-        first, second = [key for key in header if key != "__metadata__"][:2]
+        first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
         edited = HEADER_EDITS[kind](header, first, second)
         text = edited if isinstance(edited, bytes) else json.dumps(header).encode()
         shard.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
